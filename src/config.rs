@@ -1,0 +1,131 @@
+//! Command line and environment configuration (clap). Every flag has an env equivalent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "automerge-relay",
+    version,
+    about = "A relay for Automerge documents: merges every upload, pushes changes live, \
+             speaks the automerge-repo protocol.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (what running with no subcommand does).
+    Serve(ServeArgs),
+}
+
+impl Cli {
+    /// The serve arguments, whether given with or without the `serve` subcommand.
+    pub fn into_serve_args(self) -> ServeArgs {
+        match self.command {
+            Some(Command::Serve(args)) => args,
+            None => self.serve,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Embedded sled database in --data-dir (durable).
+    Sled,
+    /// In memory only: everything is lost at exit. For experiments and tests.
+    Memory,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:5000")]
+    pub listen: String,
+
+    /// Directory of the embedded store.
+    #[arg(long, env = "RELAY_DATA_DIR", default_value = "./relay-data")]
+    pub data_dir: PathBuf,
+
+    /// Storage backend.
+    #[arg(long, env = "RELAY_STORE", value_enum, default_value = "sled")]
+    pub store: StoreKind,
+
+    /// Largest accepted upload (HTTP body or WebSocket message), e.g. 16MiB, 512KiB, 1000000.
+    #[arg(long, env = "RELAY_MAX_BODY", default_value = "16MiB", value_parser = parse_size)]
+    pub max_body: usize,
+
+    /// Allowed CORS origins, comma-separated; default: any origin.
+    #[arg(long, env = "RELAY_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
+    /// Events that may wait for one live subscriber before it is switched to catch-up mode.
+    #[arg(long, env = "RELAY_SUBSCRIBER_QUEUE", default_value_t = 64)]
+    pub subscriber_queue: usize,
+
+    /// Seconds between WebSocket pings; a socket that misses two is dropped.
+    #[arg(long, env = "RELAY_PING_SECS", default_value_t = 5)]
+    pub ping_secs: u64,
+
+    /// Seconds to wait for in-flight work at shutdown before exiting anyway.
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ServeArgs {
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_secs.max(1))
+    }
+}
+
+/// Parses a byte size: a plain number, or a number with K/KB/KiB, M/MB/MiB, G/GB/GiB (powers of 1024).
+pub fn parse_size(raw: &str) -> Result<usize, String> {
+    let s = raw.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like 16MiB or 1048576"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {raw:?}")),
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{raw:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let cli = Cli::parse_from(["automerge-relay"]);
+        let args = cli.into_serve_args();
+        assert_eq!(args.listen, "127.0.0.1:5000");
+        assert_eq!(args.data_dir, PathBuf::from("./relay-data"));
+        assert_eq!(args.max_body, 16 << 20);
+        let cli = Cli::parse_from(["automerge-relay", "serve", "--listen", "127.0.0.1:0"]);
+        assert_eq!(cli.into_serve_args().listen, "127.0.0.1:0");
+    }
+}

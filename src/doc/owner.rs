@@ -1,0 +1,752 @@
+//! The document owner: the only code that touches a document's `Automerge` value.
+//!
+//! Applying one change to a large document costs about as much as applying fifty in one call
+//! (automerge's cost grows with the edited sequence, not with the batch). So the owner drains
+//! every command waiting in its queue, applies all pending uploads as **one** batch, persists
+//! the batch with **one** durable append (group commit), and only then answers the writers,
+//! the readers that queued behind them, and pushes one message to every subscriber.
+//!
+//! CPU-heavy work (apply, save) runs on tokio's blocking pool with the document moved in and
+//! out, so a large document never stalls the async workers.
+
+use std::collections::HashSet;
+use std::mem;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use automerge::{Automerge, ChangeHash, SaveOptions};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::etag::etag_for;
+use super::registry::{Inner, Precondition};
+use super::ConnId;
+use crate::error::RelayError;
+use crate::id::DocId;
+use crate::storage::{ChunkKey, ChunkKind, StoreError};
+use crate::upload::Upload;
+
+/// Most commands one turn of the owner takes from its queue.
+const MAX_BATCH: usize = 512;
+
+pub type Reply<T> = oneshot::Sender<Result<T, RelayError>>;
+
+/// One upload to merge.
+pub struct WriteRequest {
+    pub upload: Upload,
+    pub precondition: Precondition,
+    /// The connection that sent it, if any (not echoed back to it).
+    pub origin: Option<ConnId>,
+    pub reply: Reply<WriteOutcome>,
+}
+
+/// The result of a durable write.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    /// This write created the document.
+    pub created: bool,
+    pub heads: Vec<ChangeHash>,
+    pub etag: String,
+    /// Changes newly applied to the document by this write.
+    pub applied: usize,
+    /// Changes of this write still waiting for missing dependencies.
+    pub pending: usize,
+    /// Changes the upload carried.
+    pub total: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum ReadOutcome {
+    Missing,
+    Found {
+        bytes: Bytes,
+        heads: Vec<ChangeHash>,
+        etag: String,
+    },
+}
+
+/// The changes of one merged batch, shared by every subscriber.
+#[derive(Debug)]
+pub struct PushBatch {
+    /// Exactly the batch's new changes, loadable by `loadIncremental`.
+    pub bytes: Bytes,
+    /// The document's heads after the batch.
+    pub heads: Vec<ChangeHash>,
+    /// Set when every change of the batch came from this one connection.
+    pub sole_origin: Option<ConnId>,
+}
+
+#[derive(Debug, Clone)]
+pub enum DocEvent {
+    Changes(Arc<PushBatch>),
+    Deleted,
+}
+
+/// A live subscription: the current document, then one event per batch.
+pub struct Subscription {
+    /// The document at subscription time (bytes of a full save and its heads), if it exists.
+    pub initial: Option<(Bytes, Vec<ChangeHash>)>,
+    pub events: mpsc::Receiver<DocEvent>,
+    /// Set by the owner when an event was dropped because the queue was full; the subscriber
+    /// must then catch up with a `since` read from the last heads it delivered.
+    pub lagged: Arc<AtomicBool>,
+}
+
+pub enum Command {
+    Write(WriteRequest),
+    Read {
+        since: Option<Vec<ChangeHash>>,
+        reply: Reply<ReadOutcome>,
+    },
+    Delete {
+        reply: Reply<bool>,
+    },
+    Subscribe {
+        conn: ConnId,
+        queue: usize,
+        reply: Reply<Subscription>,
+    },
+}
+
+struct Subscriber {
+    conn: ConnId,
+    tx: mpsc::Sender<DocEvent>,
+    lagged: Arc<AtomicBool>,
+}
+
+type Compaction = JoinHandle<Result<(ChunkKey, usize, Vec<ChunkKey>), StoreError>>;
+
+pub(super) struct Owner {
+    id: DocId,
+    generation: u64,
+    inner: Arc<Inner>,
+    rx: mpsc::Receiver<Command>,
+    doc: Automerge,
+    exists: bool,
+    /// Chunks this process loaded or wrote, with their sizes: the only ones compaction may delete.
+    chunks: Vec<(ChunkKey, usize)>,
+    /// Changes stored while waiting for dependencies, so they are stored once.
+    stored_pending: HashSet<ChangeHash>,
+    cached_save: Option<Bytes>,
+    subscribers: Vec<Subscriber>,
+    compaction: Option<Compaction>,
+    load_error: Option<String>,
+}
+
+/// What the blocking half of a turn hands back.
+struct Applied {
+    doc: Automerge,
+    results: Vec<Result<WriteOutcome, RelayError>>,
+    persist: Vec<u8>,
+    push: Option<PushBatch>,
+    new_pending: Vec<ChangeHash>,
+    cleared_pending: Vec<ChangeHash>,
+    full_save: Option<Bytes>,
+    since_reads: Vec<Bytes>,
+    snapshot: Option<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Segment {
+    writes: Vec<WriteRequest>,
+    reads: Vec<(Option<Vec<ChangeHash>>, Reply<ReadOutcome>)>,
+    subscribes: Vec<(ConnId, usize, Reply<Subscription>)>,
+}
+
+impl Segment {
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.reads.is_empty() && self.subscribes.is_empty()
+    }
+}
+
+impl Owner {
+    pub(super) fn new(
+        id: DocId,
+        generation: u64,
+        inner: Arc<Inner>,
+        rx: mpsc::Receiver<Command>,
+    ) -> Self {
+        Self {
+            id,
+            generation,
+            inner,
+            rx,
+            doc: Automerge::new(),
+            exists: false,
+            chunks: Vec::new(),
+            stored_pending: HashSet::new(),
+            cached_save: None,
+            subscribers: Vec::new(),
+            compaction: None,
+            load_error: None,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        self.load().await;
+        while let Some(first) = self.rx.recv().await {
+            let mut cmds = vec![first];
+            while cmds.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(cmd) => cmds.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.collect_compaction();
+            if self.load_error.is_some() {
+                self.load().await;
+            }
+            self.handle(cmds).await;
+            if self.should_retire() && self.inner.retire(&self.id, self.generation) {
+                self.hand_over_leftovers().await;
+                return;
+            }
+        }
+    }
+
+    /// A document that does not exist and has nobody listening needs no owner.
+    fn should_retire(&self) -> bool {
+        !self.exists
+            && self.subscribers.is_empty()
+            && self.compaction.is_none()
+            && self.load_error.is_none()
+    }
+
+    /// After the registry dropped us, commands sent through clones taken before that are
+    /// forwarded to the document's next owner: nothing is lost, nothing runs twice.
+    async fn hand_over_leftovers(&mut self) {
+        self.rx.close();
+        while let Some(cmd) = self.rx.recv().await {
+            self.inner.forward(&self.id, cmd).await;
+        }
+    }
+
+    async fn load(&mut self) {
+        match self.inner.store.load(&self.id).await {
+            Ok(chunks) => {
+                let mut all = Vec::new();
+                self.chunks.clear();
+                for c in &chunks {
+                    all.extend_from_slice(&c.bytes);
+                    self.chunks.push((c.key.clone(), c.bytes.len()));
+                }
+                self.exists = !chunks.is_empty();
+                let loaded = tokio::task::spawn_blocking(move || {
+                    let mut doc = Automerge::new();
+                    doc.load_incremental(&all).map(|_| doc)
+                })
+                .await;
+                match loaded {
+                    Ok(Ok(doc)) => {
+                        self.doc = doc;
+                        self.cached_save = None;
+                        self.load_error = None;
+                        if self.exists {
+                            self.inner.stats.loaded();
+                        }
+                    }
+                    Ok(Err(e)) => self.fail_load(format!("stored document is unreadable: {e}")),
+                    Err(e) => self.fail_load(format!("load task failed: {e}")),
+                }
+            }
+            Err(e) => self.fail_load(e.to_string()),
+        }
+    }
+
+    fn fail_load(&mut self, msg: String) {
+        tracing::error!(doc = %self.id, error = %msg, "cannot load document");
+        self.load_error = Some(msg);
+    }
+
+    async fn handle(&mut self, cmds: Vec<Command>) {
+        if let Some(err) = &self.load_error {
+            let err = RelayError::Storage(err.clone());
+            for cmd in cmds {
+                cmd.fail(err.clone());
+            }
+            return;
+        }
+        let mut segment = Segment::default();
+        for cmd in cmds {
+            match cmd {
+                Command::Write(w) => segment.writes.push(w),
+                Command::Read { since, reply } => segment.reads.push((since, reply)),
+                Command::Subscribe { conn, queue, reply } => {
+                    segment.subscribes.push((conn, queue, reply))
+                }
+                Command::Delete { reply } => {
+                    self.run_segment(mem::take(&mut segment)).await;
+                    let _ = reply.send(self.delete().await);
+                }
+            }
+        }
+        if !segment.is_empty() {
+            self.run_segment(segment).await;
+        }
+    }
+
+    async fn run_segment(&mut self, segment: Segment) {
+        let Segment {
+            writes,
+            reads,
+            subscribes,
+        } = segment;
+        let exists_before = self.exists;
+        let want_snapshot =
+            !writes.is_empty() && self.compaction.is_none() && self.wants_compaction();
+        let jobs: Vec<WriteJob> = writes
+            .iter()
+            .map(|w| WriteJob {
+                upload: w.upload.clone(),
+                precondition: w.precondition.clone(),
+                origin: w.origin,
+            })
+            .collect();
+        let since: Vec<Option<Vec<ChangeHash>>> = reads.iter().map(|(s, _)| s.clone()).collect();
+        let need_full = reads.iter().any(|(s, _)| s.is_none()) || !subscribes.is_empty();
+        let doc = mem::take(&mut self.doc);
+        let cached = self.cached_save.take();
+        let stored_pending = mem::take(&mut self.stored_pending);
+        let started = std::time::Instant::now();
+        let work = tokio::task::spawn_blocking(move || {
+            let applied = apply_segment(
+                doc,
+                exists_before,
+                jobs,
+                &stored_pending,
+                need_full,
+                cached,
+                &since,
+                want_snapshot,
+            );
+            (applied, stored_pending)
+        })
+        .await;
+        let (applied, stored_pending) = match work {
+            Ok(v) => v,
+            Err(e) => {
+                // The document went with the panicked task: reload it from the store.
+                let err = RelayError::Internal(format!("merge task failed: {e}"));
+                tracing::error!(doc = %self.id, error = %err, "merge failed; reloading");
+                fail_all(writes, reads, subscribes, &err);
+                self.load().await;
+                return;
+            }
+        };
+        self.stored_pending = stored_pending;
+        let Applied {
+            doc,
+            results,
+            persist,
+            push,
+            new_pending,
+            cleared_pending,
+            full_save,
+            since_reads,
+            snapshot,
+        } = applied;
+        self.doc = doc;
+        let apply_time = started.elapsed();
+
+        if !persist.is_empty() {
+            let len = persist.len();
+            let t = std::time::Instant::now();
+            match self.inner.store.append(&self.id, persist).await {
+                Ok(key) => {
+                    self.inner.stats.persisted(t.elapsed());
+                    self.chunks.push((key, len));
+                    self.exists = true;
+                    for h in cleared_pending {
+                        self.stored_pending.remove(&h);
+                    }
+                    self.stored_pending.extend(new_pending);
+                }
+                Err(e) => {
+                    let err = RelayError::Storage(e.to_string());
+                    tracing::error!(doc = %self.id, error = %err, "persisting a batch failed");
+                    // Memory must not run ahead of the store: reload the durable state.
+                    fail_all(writes, reads, subscribes, &err);
+                    self.load().await;
+                    return;
+                }
+            }
+        }
+        self.cached_save = full_save.clone();
+        let accepted = results.iter().filter(|r| r.is_ok()).count();
+        self.inner.stats.batch(accepted, apply_time);
+
+        let heads = self.doc.get_heads();
+        let etag = etag_for(&heads);
+        for (w, result) in writes.into_iter().zip(results) {
+            let _ = w.reply.send(result);
+        }
+        if let Some(batch) = push {
+            self.push(DocEvent::Changes(Arc::new(batch)));
+        }
+        let mut since_reads = since_reads.into_iter();
+        for (since, reply) in reads {
+            let outcome = if !self.exists {
+                ReadOutcome::Missing
+            } else {
+                let bytes = match since {
+                    None => full_save.clone().unwrap_or_default(),
+                    Some(_) => since_reads.next().unwrap_or_default(),
+                };
+                ReadOutcome::Found {
+                    bytes,
+                    heads: heads.clone(),
+                    etag: etag.clone(),
+                }
+            };
+            let _ = reply.send(Ok(outcome));
+        }
+        for (conn, queue, reply) in subscribes {
+            let (tx, rx) = mpsc::channel(queue.max(1));
+            let lagged = Arc::new(AtomicBool::new(false));
+            let initial = if self.exists {
+                Some((full_save.clone().unwrap_or_default(), heads.clone()))
+            } else {
+                None
+            };
+            let sub = Subscription {
+                initial,
+                events: rx,
+                lagged: lagged.clone(),
+            };
+            if reply.send(Ok(sub)).is_ok() {
+                self.subscribers.push(Subscriber { conn, tx, lagged });
+            }
+        }
+        if let Some(snapshot) = snapshot {
+            self.start_compaction(snapshot);
+        }
+    }
+
+    /// Hands one event to every subscriber without ever waiting: a full queue marks the
+    /// subscriber as lagged (it catches up by itself), a closed one is dropped.
+    fn push(&mut self, event: DocEvent) {
+        self.subscribers.retain(|s| {
+            if let DocEvent::Changes(b) = &event {
+                if b.sole_origin == Some(s.conn) {
+                    return !s.tx.is_closed();
+                }
+            }
+            match s.tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.lagged.store(true, Ordering::Release);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    async fn delete(&mut self) -> Result<bool, RelayError> {
+        if let Some(c) = self.compaction.take() {
+            // A snapshot written after the delete would resurrect the document.
+            let _ = c.await;
+        }
+        if !self.exists {
+            return Ok(false);
+        }
+        self.inner
+            .store
+            .delete(&self.id)
+            .await
+            .map_err(|e| RelayError::Storage(e.to_string()))?;
+        self.doc = Automerge::new();
+        self.exists = false;
+        self.chunks.clear();
+        self.stored_pending.clear();
+        self.cached_save = None;
+        self.push(DocEvent::Deleted);
+        // Dropping the senders ends every subscription after its queued events.
+        self.subscribers.clear();
+        Ok(true)
+    }
+
+    /// Compact when the incrementals outgrow the snapshot.
+    fn wants_compaction(&self) -> bool {
+        let (mut inc_count, mut inc_bytes, mut snap_bytes) = (0usize, 0usize, 0usize);
+        for (k, len) in &self.chunks {
+            match k.kind {
+                ChunkKind::Incremental => {
+                    inc_count += 1;
+                    inc_bytes += len;
+                }
+                ChunkKind::Snapshot => snap_bytes += len,
+            }
+        }
+        inc_count >= 128 || (inc_count >= 8 && inc_bytes >= snap_bytes)
+    }
+
+    fn start_compaction(&mut self, snapshot: Vec<u8>) {
+        // The snapshot holds every change of every chunk we know of, including this turn's.
+        let replaces: Vec<ChunkKey> = self.chunks.iter().map(|(k, _)| k.clone()).collect();
+        let store = self.inner.store.clone();
+        let id = self.id.clone();
+        let len = snapshot.len();
+        self.compaction = Some(tokio::spawn(async move {
+            let key = store.compact(&id, snapshot, replaces.clone()).await?;
+            Ok((key, len, replaces))
+        }));
+    }
+
+    fn collect_compaction(&mut self) {
+        let Some(handle) = self.compaction.as_ref() else {
+            return;
+        };
+        if !handle.is_finished() {
+            return;
+        }
+        let Some(result) = self.compaction.take().and_then(|h| h.now_or_never()) else {
+            return;
+        };
+        match result {
+            Ok(Ok((key, len, replaced))) => {
+                self.chunks.retain(|(k, _)| !replaced.contains(k));
+                self.chunks.push((key, len));
+                self.inner.stats.compacted();
+            }
+            Ok(Err(e)) => tracing::warn!(doc = %self.id, error = %e, "compaction failed"),
+            Err(e) => tracing::warn!(doc = %self.id, error = %e, "compaction task failed"),
+        }
+    }
+}
+
+impl Command {
+    pub(super) fn fail(self, err: RelayError) {
+        match self {
+            Command::Write(w) => {
+                let _ = w.reply.send(Err(err));
+            }
+            Command::Read { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Command::Delete { reply } => {
+                let _ = reply.send(Err(err));
+            }
+            Command::Subscribe { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
+fn fail_all(
+    writes: Vec<WriteRequest>,
+    reads: Vec<(Option<Vec<ChangeHash>>, Reply<ReadOutcome>)>,
+    subscribes: Vec<(ConnId, usize, Reply<Subscription>)>,
+    err: &RelayError,
+) {
+    for w in writes {
+        let _ = w.reply.send(Err(err.clone()));
+    }
+    for (_, r) in reads {
+        let _ = r.send(Err(err.clone()));
+    }
+    for (_, _, r) in subscribes {
+        let _ = r.send(Err(err.clone()));
+    }
+}
+
+struct WriteJob {
+    upload: Upload,
+    precondition: Precondition,
+    origin: Option<ConnId>,
+}
+
+/// The CPU half of a turn: apply every write (one `load_incremental` per run of unconditional
+/// writes), work out what each write did, and prepare the bytes to persist, push and read.
+#[allow(clippy::too_many_arguments)]
+fn apply_segment(
+    mut doc: Automerge,
+    exists_before: bool,
+    jobs: Vec<WriteJob>,
+    stored_pending: &HashSet<ChangeHash>,
+    need_full: bool,
+    cached: Option<Bytes>,
+    since: &[Option<Vec<ChangeHash>>],
+    want_snapshot: bool,
+) -> Applied {
+    let old_heads = doc.get_heads();
+    let mut outcomes: Vec<Option<RelayError>> = Vec::with_capacity(jobs.len());
+    let mut group: Vec<u8> = Vec::new();
+    let mut group_members: Vec<usize> = Vec::new();
+    let mut accepted_any = false;
+
+    let flush = |doc: &mut Automerge,
+                 group: &mut Vec<u8>,
+                 members: &mut Vec<usize>,
+                 outcomes: &mut Vec<Option<RelayError>>| {
+        if group.is_empty() {
+            return;
+        }
+        if let Err(e) = doc.load_incremental(group) {
+            let err = RelayError::InvalidBody(format!("merge failed: {e}"));
+            for &m in members.iter() {
+                outcomes[m] = Some(err.clone());
+            }
+        }
+        group.clear();
+        members.clear();
+    };
+
+    for (i, job) in jobs.iter().enumerate() {
+        outcomes.push(None);
+        match &job.precondition {
+            Precondition::None => {
+                group.extend_from_slice(&job.upload.bytes);
+                group_members.push(i);
+                accepted_any = true;
+            }
+            cond => {
+                flush(&mut doc, &mut group, &mut group_members, &mut outcomes);
+                let exists_now = exists_before || accepted_any;
+                let current = etag_for(&doc.get_heads());
+                let ok = match cond {
+                    Precondition::IfMatch(tags) => {
+                        exists_now && tags.iter().any(|t| t == "*" || *t == current)
+                    }
+                    Precondition::IfNoneMatchAny => !exists_now,
+                    Precondition::None => true,
+                };
+                if ok {
+                    group.extend_from_slice(&job.upload.bytes);
+                    group_members.push(i);
+                    flush(&mut doc, &mut group, &mut group_members, &mut outcomes);
+                    accepted_any = true;
+                } else {
+                    outcomes[i] = Some(RelayError::PreconditionFailed);
+                }
+            }
+        }
+    }
+    flush(&mut doc, &mut group, &mut group_members, &mut outcomes);
+
+    let heads = doc.get_heads();
+    let new: HashSet<ChangeHash> = if heads == old_heads {
+        HashSet::new()
+    } else {
+        doc.get_changes_meta(&old_heads)
+            .into_iter()
+            .map(|m| m.hash)
+            .collect()
+    };
+    let etag = etag_for(&heads);
+    let mut credited: HashSet<ChangeHash> = HashSet::new();
+    let mut origins: HashSet<Option<ConnId>> = HashSet::new();
+    let mut persist_pending: Vec<u8> = Vec::new();
+    let mut new_pending = Vec::new();
+    let mut created_given = exists_before;
+    let mut results = Vec::with_capacity(jobs.len());
+    for (job, outcome) in jobs.iter().zip(outcomes) {
+        if let Some(err) = outcome {
+            results.push(Err(err));
+            continue;
+        }
+        let mut applied = 0;
+        let mut pending = 0;
+        let hashes = job
+            .upload
+            .doc_hashes
+            .iter()
+            .copied()
+            .chain(job.upload.changes.iter().map(|c| c.hash()));
+        for h in hashes {
+            if new.contains(&h) && credited.insert(h) {
+                applied += 1;
+            }
+        }
+        for change in &job.upload.changes {
+            let h = change.hash();
+            if new.contains(&h) || doc.get_change_meta_by_hash(&h).is_some() {
+                continue;
+            }
+            pending += 1;
+            if !stored_pending.contains(&h) && !new_pending.contains(&h) {
+                persist_pending.extend_from_slice(change.raw_bytes());
+                new_pending.push(h);
+            }
+        }
+        if applied > 0 {
+            origins.insert(job.origin);
+        }
+        let created = !created_given && (applied > 0 || pending > 0);
+        created_given |= created;
+        results.push(Ok(WriteOutcome {
+            created,
+            heads: heads.clone(),
+            etag: etag.clone(),
+            applied,
+            pending,
+            total: job.upload.change_count(),
+        }));
+    }
+
+    let new_bytes = if new.is_empty() {
+        Vec::new()
+    } else {
+        doc.save_after(&old_heads)
+    };
+    let cleared_pending: Vec<ChangeHash> = stored_pending
+        .iter()
+        .filter(|h| new.contains(h))
+        .copied()
+        .collect();
+    let sole_origin = match (origins.len(), origins.iter().next()) {
+        (1, Some(Some(conn))) if credited.len() == new.len() => Some(*conn),
+        _ => None,
+    };
+    let push = (!new.is_empty()).then(|| PushBatch {
+        bytes: Bytes::from(new_bytes.clone()),
+        heads: heads.clone(),
+        sole_origin,
+    });
+    let mut persist = new_bytes;
+    persist.extend_from_slice(&persist_pending);
+
+    let changed = !persist.is_empty();
+    let full_save = if need_full {
+        match cached {
+            Some(c) if !changed => Some(c),
+            _ => Some(Bytes::from(doc.save())),
+        }
+    } else if changed {
+        None
+    } else {
+        cached
+    };
+    let since_reads = since
+        .iter()
+        .flatten()
+        .map(|have| {
+            let known: Vec<ChangeHash> = have
+                .iter()
+                .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+                .copied()
+                .collect();
+            Bytes::from(doc.save_after(&known))
+        })
+        .collect();
+    let snapshot = (want_snapshot && changed).then(|| {
+        doc.save_with_options(SaveOptions {
+            deflate: true,
+            retain_orphans: true,
+        })
+    });
+    Applied {
+        doc,
+        results,
+        persist,
+        push,
+        new_pending,
+        cleared_pending,
+        full_save,
+        since_reads,
+        snapshot,
+    }
+}

@@ -1,0 +1,254 @@
+//! The registry of document owners: at most one owner task per document id.
+//!
+//! Owners are created on first use and retire themselves when their document does not exist
+//! and nobody listens (so a flood of requests for unknown ids costs nothing lasting). Retiring
+//! is done under the map's lock, and commands that raced with it are forwarded to the next
+//! owner, so a document never has two owners at once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::ChangeHash;
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::owner::{Command, Owner, ReadOutcome, Subscription, WriteOutcome, WriteRequest};
+use super::ConnId;
+use crate::error::RelayError;
+use crate::id::DocId;
+use crate::storage::Store;
+use crate::upload::Upload;
+
+/// Commands that may wait in one owner's queue before senders wait.
+const OWNER_QUEUE: usize = 4096;
+
+/// Opt-in compare-and-set on writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// `If-Match`: one of these ETags (or `*`) must be current.
+    IfMatch(Vec<String>),
+    /// `If-None-Match: *`: the document must not exist.
+    IfNoneMatchAny,
+}
+
+struct OwnerHandle {
+    generation: u64,
+    tx: mpsc::Sender<Command>,
+}
+
+/// Counters for benchmarks and operators.
+#[derive(Default, Debug)]
+pub struct Stats {
+    batches: AtomicU64,
+    batched_writes: AtomicU64,
+    apply_micros: AtomicU64,
+    persists: AtomicU64,
+    persist_micros: AtomicU64,
+    loads: AtomicU64,
+    compactions: AtomicU64,
+}
+
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct StatsSnapshot {
+    pub batches: u64,
+    pub batched_writes: u64,
+    pub apply_micros: u64,
+    pub persists: u64,
+    pub persist_micros: u64,
+    pub loads: u64,
+    pub compactions: u64,
+    pub hot_documents: u64,
+}
+
+impl Stats {
+    pub(super) fn batch(&self, writes: usize, apply: Duration) {
+        if writes > 0 {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            self.batched_writes
+                .fetch_add(writes as u64, Ordering::Relaxed);
+            self.apply_micros
+                .fetch_add(apply.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+    pub(super) fn persisted(&self, took: Duration) {
+        self.persists.fetch_add(1, Ordering::Relaxed);
+        self.persist_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+    pub(super) fn loaded(&self) {
+        self.loads.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(super) fn compacted(&self) {
+        self.compactions.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub(super) struct Inner {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) stats: Stats,
+    owners: DashMap<DocId, OwnerHandle>,
+    generations: AtomicU64,
+}
+
+impl Inner {
+    fn sender(self: &Arc<Self>, id: &DocId) -> mpsc::Sender<Command> {
+        if let Some(h) = self.owners.get(id) {
+            return h.tx.clone();
+        }
+        self.owners
+            .entry(id.clone())
+            .or_insert_with(|| {
+                let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = mpsc::channel(OWNER_QUEUE);
+                let owner = Owner::new(id.clone(), generation, self.clone(), rx);
+                tokio::spawn(owner.run());
+                OwnerHandle { generation, tx }
+            })
+            .tx
+            .clone()
+    }
+
+    /// Sends `cmd` to the document's owner, starting one if needed.
+    pub(super) async fn forward(self: &Arc<Self>, id: &DocId, cmd: Command) {
+        let mut cmd = cmd;
+        for _ in 0..3 {
+            let tx = self.sender(id);
+            match tx.send(cmd).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => {
+                    // That owner retired between lookup and send; drop its stale entry.
+                    self.owners.remove_if(id, |_, h| h.tx.same_channel(&tx));
+                    cmd = back;
+                }
+            }
+        }
+        cmd.fail(RelayError::Internal("document owner unavailable".into()));
+    }
+
+    /// Removes the registry entry of owner `generation`; true when it was still registered.
+    pub(super) fn retire(&self, id: &DocId, generation: u64) -> bool {
+        self.owners
+            .remove_if(id, |_, h| h.generation == generation)
+            .is_some()
+    }
+}
+
+/// Entry point for transports: every document operation goes through here.
+#[derive(Clone)]
+pub struct Documents {
+    inner: Arc<Inner>,
+    conn_ids: Arc<AtomicU64>,
+}
+
+impl Documents {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                stats: Stats::default(),
+                owners: DashMap::new(),
+                generations: AtomicU64::new(1),
+            }),
+            conn_ids: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// A fresh id for a live connection.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn call<T>(
+        &self,
+        id: &DocId,
+        make: impl FnOnce(oneshot::Sender<Result<T, RelayError>>) -> Command,
+    ) -> Result<T, RelayError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.forward(id, make(reply)).await;
+        rx.await
+            .map_err(|_| RelayError::Internal("document owner stopped".into()))?
+    }
+
+    /// Merges an upload; returns once the merged state is durable.
+    pub async fn write(
+        &self,
+        id: &DocId,
+        upload: Upload,
+        precondition: Precondition,
+        origin: Option<ConnId>,
+    ) -> Result<WriteOutcome, RelayError> {
+        self.call(id, |reply| {
+            Command::Write(WriteRequest {
+                upload,
+                precondition,
+                origin,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// The whole document (`since = None`) or the changes not reachable from `since`.
+    pub async fn read(
+        &self,
+        id: &DocId,
+        since: Option<Vec<ChangeHash>>,
+    ) -> Result<ReadOutcome, RelayError> {
+        self.call(id, |reply| Command::Read { since, reply }).await
+    }
+
+    /// Deletes the document; false when it did not exist.
+    pub async fn delete(&self, id: &DocId) -> Result<bool, RelayError> {
+        self.call(id, |reply| Command::Delete { reply }).await
+    }
+
+    /// Subscribes connection `conn` to the document's merged batches.
+    pub async fn subscribe(
+        &self,
+        id: &DocId,
+        conn: ConnId,
+        queue: usize,
+    ) -> Result<Subscription, RelayError> {
+        self.call(id, |reply| Command::Subscribe { conn, queue, reply })
+            .await
+    }
+
+    /// Lists stored documents (paged by id).
+    pub async fn list(
+        &self,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Result<Vec<DocId>, RelayError> {
+        self.inner
+            .store
+            .list(after, limit)
+            .await
+            .map_err(|e| RelayError::Storage(e.to_string()))
+    }
+
+    /// Flushes the store (shutdown).
+    pub async fn flush(&self) -> Result<(), RelayError> {
+        self.inner
+            .store
+            .flush()
+            .await
+            .map_err(|e| RelayError::Storage(e.to_string()))
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        StatsSnapshot {
+            batches: s.batches.load(Ordering::Relaxed),
+            batched_writes: s.batched_writes.load(Ordering::Relaxed),
+            apply_micros: s.apply_micros.load(Ordering::Relaxed),
+            persists: s.persists.load(Ordering::Relaxed),
+            persist_micros: s.persist_micros.load(Ordering::Relaxed),
+            loads: s.loads.load(Ordering::Relaxed),
+            compactions: s.compactions.load(Ordering::Relaxed),
+            hot_documents: self.inner.owners.len() as u64,
+        }
+    }
+}

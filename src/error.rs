@@ -1,0 +1,95 @@
+//! Typed errors and their one mapping to HTTP: `{"error":"<stable_code>","message":"..."}`.
+//!
+//! Every layer returns `RelayError`; transports turn it into a status (HTTP) or an error
+//! message (WebSocket) using the same stable code, so clients can match on `error`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RelayError {
+    #[error("{0}")]
+    BadId(String),
+    #[error("no document with this id")]
+    NotFound,
+    #[error("no such route")]
+    NoRoute,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("the body is empty; send an Automerge save or incremental changes")]
+    EmptyBody,
+    #[error("the body is not valid Automerge data: {0}")]
+    InvalidBody(String),
+    #[error("the body holds no Automerge changes")]
+    NoChanges,
+    #[error("the body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the document does not match the precondition (If-Match / If-None-Match)")]
+    PreconditionFailed,
+    #[error("bad ?since= parameter: {0}")]
+    BadSince(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("storage failed: {0}")]
+    Storage(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RelayError {
+    /// The stable machine-readable code sent as `"error"`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RelayError::BadId(_) => "bad_id",
+            RelayError::NotFound => "not_found",
+            RelayError::NoRoute => "no_route",
+            RelayError::MethodNotAllowed => "method_not_allowed",
+            RelayError::EmptyBody => "empty_body",
+            RelayError::InvalidBody(_) => "invalid_automerge",
+            RelayError::NoChanges => "no_changes",
+            RelayError::TooLarge { .. } => "too_large",
+            RelayError::PreconditionFailed => "precondition_failed",
+            RelayError::BadSince(_) => "bad_since",
+            RelayError::BadRequest(_) => "bad_request",
+            RelayError::Storage(_) => "storage_error",
+            RelayError::ShuttingDown => "shutting_down",
+            RelayError::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RelayError::BadId(_)
+            | RelayError::EmptyBody
+            | RelayError::InvalidBody(_)
+            | RelayError::NoChanges
+            | RelayError::BadSince(_)
+            | RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            RelayError::NotFound | RelayError::NoRoute => StatusCode::NOT_FOUND,
+            RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RelayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RelayError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            RelayError::Storage(_) | RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RelayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The JSON body shared by HTTP responses and WebSocket error messages.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.code(), "message": self.to_string() })
+    }
+}
+
+impl IntoResponse for RelayError {
+    fn into_response(self) -> Response {
+        if self.status().is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request rejected");
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}

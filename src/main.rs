@@ -1,0 +1,33 @@
+//! The `automerge-relay` binary: parse flags, set up logging, run until a signal.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use automerge_relay::config::Cli;
+use automerge_relay::server;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Cli::parse().into_serve_args();
+    let token = CancellationToken::new();
+    let signal_token = token.clone();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        signal_token.cancel();
+    });
+    match server::run(args, token).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "automerge-relay failed");
+            eprintln!("automerge-relay: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Wiring: open the store, build the router, serve until SIGINT/SIGTERM, then drain and flush.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ServeArgs, StoreKind};
+use crate::doc::Documents;
+use crate::http::{router, AppState, Limits};
+use crate::storage::{MemoryStore, SledStore, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Store(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the configured store.
+pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
+    Ok(match args.store {
+        StoreKind::Sled => {
+            Arc::new(SledStore::open(&args.data_dir).map_err(|e| ServeError::Store(e.0))?)
+        }
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+    })
+}
+
+/// Runs the server until `shutdown` fires. Prints `listening on http://ADDR` once bound.
+pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let store = open_store(&args)?;
+    let docs = Documents::new(store);
+    let state = AppState {
+        docs: docs.clone(),
+        limits: Arc::new(Limits {
+            max_body: args.max_body,
+            subscriber_queue: args.subscriber_queue,
+            ping_interval: args.ping_interval(),
+        }),
+    };
+    let app = router(state, &args.cors_origin).map_err(ServeError::Config)?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: args.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on http://{addr}");
+        let _ = out.flush();
+    }
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), store = ?args.store, "automerge-relay started");
+
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let stop = shutdown.clone();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        stop.cancelled().await;
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    });
+    let serve = tokio::spawn(async move { serve.await });
+    shutdown.cancelled().await;
+    match tokio::time::timeout(grace, serve).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+        Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+        Err(_) => tracing::warn!(
+            ?grace,
+            "in-flight requests did not finish within the grace period"
+        ),
+    }
+    docs.flush()
+        .await
+        .map_err(|e| ServeError::Store(e.to_string()))?;
+    tracing::info!("store flushed; bye");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

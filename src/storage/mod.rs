@@ -1,0 +1,139 @@
+//! The storage trait: append-only, content-addressed chunks per document.
+//!
+//! Layout follows automerge-repo: a document is the set of chunks under its prefix, each either
+//! an `incremental` (changes appended by one batch) or a `snapshot` (a compacted save), keyed by
+//! the SHA-256 of the chunk's bytes. Same content means same key, different content means a
+//! different key, so two writers of one store (several relay nodes on one database later) can
+//! never overwrite each other's data. Loading concatenates every chunk; compaction writes a
+//! snapshot and then deletes only the keys it was told the snapshot contains.
+//!
+//! Backends must make `append` and `compact` durable before returning: the HTTP `2xx` and the
+//! WebSocket ack are sent on the strength of it.
+
+mod memory;
+mod sled_store;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use sha2::{Digest, Sha256};
+
+pub use memory::MemoryStore;
+pub use sled_store::SledStore;
+
+use crate::id::DocId;
+
+/// Which kind of chunk a key names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ChunkKind {
+    Incremental,
+    Snapshot,
+}
+
+impl ChunkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChunkKind::Incremental => "incremental",
+            ChunkKind::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// The key of one stored chunk within a document.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkKey {
+    pub kind: ChunkKind,
+    /// Hex SHA-256 of the chunk's bytes.
+    pub hash: String,
+}
+
+impl ChunkKey {
+    pub fn for_bytes(kind: ChunkKind, bytes: &[u8]) -> Self {
+        Self {
+            kind,
+            hash: hex::encode(Sha256::digest(bytes)),
+        }
+    }
+}
+
+/// One stored chunk.
+#[derive(Clone, Debug)]
+pub struct StoredChunk {
+    pub key: ChunkKey,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A document store. Implementations must be safe to share between tasks and must not assume
+/// they are the only process writing the store.
+pub trait Store: Send + Sync + 'static {
+    /// Every chunk stored for `doc`, snapshots first. Empty when the document is unknown.
+    fn load(&self, doc: &DocId) -> StoreFuture<'_, Vec<StoredChunk>>;
+
+    /// Durably appends one incremental chunk and returns its key.
+    fn append(&self, doc: &DocId, bytes: Vec<u8>) -> StoreFuture<'_, ChunkKey>;
+
+    /// Durably writes `snapshot`, then deletes the keys in `replaces` (never the new key).
+    fn compact(
+        &self,
+        doc: &DocId,
+        snapshot: Vec<u8>,
+        replaces: Vec<ChunkKey>,
+    ) -> StoreFuture<'_, ChunkKey>;
+
+    /// Durably deletes every chunk of `doc`.
+    fn delete(&self, doc: &DocId) -> StoreFuture<'_, ()>;
+
+    /// Ids of stored documents, in key order, starting after `after`, at most `limit`.
+    fn list(&self, after: Option<&DocId>, limit: usize) -> StoreFuture<'_, Vec<DocId>>;
+
+    /// Flushes everything written so far (used at shutdown).
+    fn flush(&self) -> StoreFuture<'_, ()>;
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! Behaviour every backend must show; each backend's tests call these.
+    use super::*;
+
+    pub async fn append_load_compact_delete(store: &dyn Store) {
+        let doc = DocId::parse("doc-a").unwrap();
+        let other = DocId::parse("doc-ab").unwrap();
+        assert!(store.load(&doc).await.unwrap().is_empty());
+        let k1 = store.append(&doc, b"one".to_vec()).await.unwrap();
+        let k2 = store.append(&doc, b"two".to_vec()).await.unwrap();
+        let again = store.append(&doc, b"one".to_vec()).await.unwrap();
+        assert_eq!(k1, again, "same content, same key");
+        store.append(&other, b"other".to_vec()).await.unwrap();
+        let loaded = store.load(&doc).await.unwrap();
+        assert_eq!(loaded.len(), 2, "prefix must not leak into doc-ab");
+
+        // A chunk written by someone else after we loaded must survive our compaction.
+        let foreign = store.append(&doc, b"three".to_vec()).await.unwrap();
+        let snap = store
+            .compact(&doc, b"snap".to_vec(), vec![k1.clone(), k2.clone()])
+            .await
+            .unwrap();
+        assert_eq!(snap.kind, ChunkKind::Snapshot);
+        let after: Vec<_> = store.load(&doc).await.unwrap();
+        let keys: Vec<_> = after.iter().map(|c| c.key.clone()).collect();
+        assert_eq!(keys[0], snap, "snapshots load first");
+        assert!(keys.contains(&foreign));
+        assert!(!keys.contains(&k1) && !keys.contains(&k2));
+
+        let listed = store.list(None, 10).await.unwrap();
+        assert_eq!(listed, vec![doc.clone(), other.clone()]);
+        let page = store.list(Some(&doc), 10).await.unwrap();
+        assert_eq!(page, vec![other.clone()]);
+
+        store.delete(&doc).await.unwrap();
+        assert!(store.load(&doc).await.unwrap().is_empty());
+        assert_eq!(store.load(&other).await.unwrap().len(), 1);
+        store.flush().await.unwrap();
+    }
+}

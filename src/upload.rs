@@ -1,0 +1,219 @@
+//! Parsing and strict validation of uploaded bytes, done *outside* the document owner.
+//!
+//! `Automerge::load_incremental` is lenient (it accepts garbage with a warning, ignores trailing
+//! junk and silently drops truncated input), so nothing reaches a document before this module
+//! has checked it. An upload is split into its Automerge chunks; each chunk is loaded strictly
+//! into a scratch document (`OnPartialLoad::Error`, `VerificationMode::Check`). A chunk whose
+//! only problem is missing dependencies is well-formed and kept: the document owner queues it
+//! until the dependencies arrive. The result records every change hash the upload carries so
+//! the owner can report `applied` and `pending` per request.
+
+use automerge::{
+    Automerge, AutomergeError, Change, ChangeHash, LoadOptions, OnPartialLoad, VerificationMode,
+};
+use bytes::Bytes;
+
+use crate::error::RelayError;
+
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const CHUNK_DOCUMENT: u8 = 0;
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+const CHUNK_BUNDLE: u8 = 3;
+
+/// A validated upload, ready for the document owner.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    /// The upload's bytes: a concatenation of well-formed Automerge chunks.
+    pub bytes: Bytes,
+    /// Hashes of changes that come from document chunks (self-contained histories).
+    pub doc_hashes: Vec<ChangeHash>,
+    /// Changes that came as change chunks; these may wait for missing dependencies.
+    pub changes: Vec<Change>,
+}
+
+impl Upload {
+    /// Number of distinct changes the upload carries.
+    pub fn change_count(&self) -> usize {
+        self.doc_hashes.len() + self.changes.len()
+    }
+}
+
+/// Splits `bytes` into chunk slices, checking only the framing.
+pub fn split_chunks(bytes: &[u8]) -> Result<Vec<(u8, &[u8])>, RelayError> {
+    let mut chunks = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let offset = bytes.len() - rest.len();
+        let invalid = |why: &str| RelayError::InvalidBody(format!("{why} at byte {offset}"));
+        let magic_len = rest.len().min(4);
+        if rest[..magic_len] != MAGIC[..magic_len] {
+            return Err(invalid("missing Automerge magic bytes"));
+        }
+        if rest.len() < 9 {
+            return Err(invalid("truncated chunk header"));
+        }
+        let kind = rest[8];
+        let (len, leb_len) = read_uleb(&rest[9..]).ok_or_else(|| invalid("bad chunk length"))?;
+        let header = 9 + leb_len;
+        let total = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_add(header))
+            .ok_or_else(|| invalid("chunk length overflows"))?;
+        if total > rest.len() {
+            return Err(invalid("truncated chunk"));
+        }
+        chunks.push((kind, &rest[..total]));
+        rest = &rest[total..];
+    }
+    Ok(chunks)
+}
+
+fn read_uleb(input: &[u8]) -> Option<(u64, usize)> {
+    let mut value: u64 = 0;
+    for (i, byte) in input.iter().enumerate().take(10) {
+        let bits = u64::from(byte & 0x7f);
+        value |= bits.checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+fn strict() -> LoadOptions<'static> {
+    LoadOptions::new()
+        .on_partial_load(OnPartialLoad::Error)
+        .verification_mode(VerificationMode::Check)
+}
+
+/// Loads one chunk strictly; `Ok(Some(doc))` when complete, `Ok(None)` when well-formed but
+/// waiting for dependencies.
+fn load_chunk(chunk: &[u8]) -> Result<Option<Automerge>, RelayError> {
+    match Automerge::load_with_options(chunk, strict()) {
+        Ok(doc) => Ok(Some(doc)),
+        Err(AutomergeError::MissingDeps) => Ok(None),
+        Err(e) => Err(RelayError::InvalidBody(e.to_string())),
+    }
+}
+
+/// Parses and strictly validates an upload. CPU-bound: call it from a blocking thread for
+/// large bodies.
+pub fn parse_upload(bytes: Bytes) -> Result<Upload, RelayError> {
+    if bytes.is_empty() {
+        return Err(RelayError::EmptyBody);
+    }
+    let mut doc_hashes = Vec::new();
+    let mut changes = Vec::new();
+    for (kind, chunk) in split_chunks(&bytes)? {
+        match kind {
+            CHUNK_DOCUMENT => {
+                let doc = load_chunk(chunk)?.ok_or_else(|| {
+                    RelayError::InvalidBody("document chunk with missing dependencies".into())
+                })?;
+                doc_hashes.extend(doc.get_changes_meta(&[]).into_iter().map(|m| m.hash));
+            }
+            CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
+                load_chunk(chunk)?;
+                let change =
+                    Change::try_from(chunk).map_err(|e| RelayError::InvalidBody(e.to_string()))?;
+                changes.push(change);
+            }
+            CHUNK_BUNDLE => {
+                load_chunk(chunk)?;
+                let bundle = automerge::Bundle::try_from(chunk)
+                    .map_err(|e| RelayError::InvalidBody(format!("{e:?}")))?;
+                let bundled = bundle
+                    .to_changes()
+                    .map_err(|e| RelayError::InvalidBody(e.to_string()))?;
+                changes.extend(bundled);
+            }
+            other => {
+                return Err(RelayError::InvalidBody(format!(
+                    "unknown Automerge chunk type {other}"
+                )))
+            }
+        }
+    }
+    if doc_hashes.is_empty() && changes.is_empty() {
+        return Err(RelayError::NoChanges);
+    }
+    Ok(Upload {
+        bytes,
+        doc_hashes,
+        changes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ROOT};
+
+    fn doc_with(n: usize) -> AutoCommit {
+        let mut doc = AutoCommit::new();
+        for i in 0..n {
+            doc.put(ROOT, format!("k{i}"), i as i64).unwrap();
+            doc.commit();
+        }
+        doc
+    }
+
+    #[test]
+    fn full_save_is_accepted_with_all_hashes() {
+        let mut doc = doc_with(3);
+        let up = parse_upload(Bytes::from(doc.save())).unwrap();
+        assert_eq!(up.doc_hashes.len(), 3);
+        assert!(up.changes.is_empty());
+    }
+
+    #[test]
+    fn incremental_with_missing_deps_is_well_formed() {
+        let mut doc = doc_with(2);
+        let heads = doc.get_heads();
+        doc.put(ROOT, "late", 1).unwrap();
+        doc.commit();
+        let inc = doc.save_after(&heads);
+        let up = parse_upload(Bytes::from(inc)).unwrap();
+        assert_eq!(up.changes.len(), 1);
+    }
+
+    #[test]
+    fn rejects_garbage_truncation_junk_and_empty() {
+        let mut doc = doc_with(2);
+        let save = doc.save();
+        assert!(matches!(
+            parse_upload(Bytes::new()),
+            Err(RelayError::EmptyBody)
+        ));
+        assert!(matches!(
+            parse_upload(Bytes::from_static(b"hello world, not automerge")),
+            Err(RelayError::InvalidBody(_))
+        ));
+        let truncated = Bytes::copy_from_slice(&save[..save.len() - 3]);
+        assert!(matches!(
+            parse_upload(truncated),
+            Err(RelayError::InvalidBody(_))
+        ));
+        let mut junk = save.clone();
+        junk.extend_from_slice(b"junk");
+        assert!(matches!(
+            parse_upload(Bytes::from(junk)),
+            Err(RelayError::InvalidBody(_))
+        ));
+        let mut flipped = save.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0xff;
+        assert!(parse_upload(Bytes::from(flipped)).is_err());
+    }
+
+    #[test]
+    fn empty_document_save_has_no_changes() {
+        let mut doc = AutoCommit::new();
+        assert!(matches!(
+            parse_upload(Bytes::from(doc.save())),
+            Err(RelayError::NoChanges)
+        ));
+    }
+}
