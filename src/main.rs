@@ -9,10 +9,20 @@ use automerge_relay::server;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let from_env = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = EnvFilter::try_new(&from_env).unwrap_or_else(|_| EnvFilter::new("info"));
+    if from_env.is_empty() {
+        filter = EnvFilter::new("info");
+    }
+    if !from_env.contains("automerge=") {
+        // automerge logs every strict-validation rejection (e.g. "missing deps") at ERROR
+        // level; those are expected client input, reported by the relay itself.
+        if let Ok(d) = "automerge=off".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let args = Cli::parse().into_serve_args();

@@ -713,7 +713,11 @@ fn apply_segment(
     let full_save = if need_full {
         match cached {
             Some(c) if !changed => Some(c),
-            _ => Some(Bytes::from(doc.save())),
+            // Only applied changes: the ETag (from the heads) must name exactly these bytes.
+            _ => Some(Bytes::from(doc.save_with_options(SaveOptions {
+                deflate: true,
+                retain_orphans: false,
+            }))),
         }
     } else if changed {
         None
