@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Method, StatusCode};
@@ -18,6 +20,8 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
@@ -31,6 +35,10 @@ use crate::upload::{parse_upload, Upload};
 pub struct AppState {
     pub docs: Documents,
     pub limits: Arc<Limits>,
+    /// Cancelled at shutdown; live connections close when it fires.
+    pub shutdown: CancellationToken,
+    /// Upgraded sockets, so shutdown can wait for them.
+    pub tasks: TaskTracker,
 }
 
 /// Limits and tuning the transports need.
@@ -182,8 +190,15 @@ async fn get_doc(
     path: Result<Path<String>, PathRejection>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, RelayError> {
     let id = doc_id(path)?;
+    if let Ok(ws) = ws {
+        return Ok(crate::ws_doc::upgrade(ws, state, id));
+    }
+    if crate::sse::wants_sse(&headers) {
+        return crate::sse::stream(state, id).await;
+    }
     let since = q.get("since").map(|s| parse_heads(s)).transpose()?;
     let ReadOutcome::Found { bytes, etag, .. } = state.docs.read(&id, since).await? else {
         return Err(RelayError::NotFound);

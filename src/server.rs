@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{ServeArgs, StoreKind};
 use crate::doc::Documents;
@@ -41,8 +42,11 @@ pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
 pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), ServeError> {
     let store = open_store(&args)?;
     let docs = Documents::new(store);
+    let tasks = TaskTracker::new();
     let state = AppState {
         docs: docs.clone(),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
         limits: Arc::new(Limits {
             max_body: args.max_body,
             subscriber_queue: args.subscriber_queue,
@@ -70,7 +74,13 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         stop.cancelled().await;
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
     });
-    let serve = tokio::spawn(async move { serve.await });
+    let serve = tokio::spawn(async move {
+        let result = serve.await;
+        // Live sockets are not HTTP requests: wait for them to finish their in-flight uploads.
+        tasks.close();
+        tasks.wait().await;
+        result
+    });
     shutdown.cancelled().await;
     match tokio::time::timeout(grace, serve).await {
         Ok(Ok(Ok(()))) => {}

@@ -277,12 +277,7 @@ async fn graceful_shutdown_keeps_every_acknowledged_write() {
             for i in 0..200 {
                 let heads = doc.get_heads();
                 add_item(&mut doc, &format!("w{w}-{i}"));
-                match c
-                    .post(&url)
-                    .body(doc.save_after(&heads))
-                    .send()
-                    .await
-                {
+                match c.post(&url).body(doc.save_after(&heads)).send().await {
                     Ok(r) if r.status().is_success() => {
                         let _ = tx.send(format!("w{w}-{i}"));
                     }
@@ -328,12 +323,37 @@ async fn bad_input_is_rejected_and_stores_nothing() {
     let mut junk_tail = save.clone();
     junk_tail.extend_from_slice(b"trailing junk");
     let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
-        ("garbage", b"definitely not automerge".to_vec(), StatusCode::BAD_REQUEST, "invalid_automerge"),
-        ("truncated", save[..save.len() - 5].to_vec(), StatusCode::BAD_REQUEST, "invalid_automerge"),
-        ("trailing junk", junk_tail, StatusCode::BAD_REQUEST, "invalid_automerge"),
+        (
+            "garbage",
+            b"definitely not automerge".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_automerge",
+        ),
+        (
+            "truncated",
+            save[..save.len() - 5].to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_automerge",
+        ),
+        (
+            "trailing junk",
+            junk_tail,
+            StatusCode::BAD_REQUEST,
+            "invalid_automerge",
+        ),
         ("empty", Vec::new(), StatusCode::BAD_REQUEST, "empty_body"),
-        ("empty doc", AutoCommit::new().save(), StatusCode::BAD_REQUEST, "no_changes"),
-        ("too large", vec![0u8; 65 * 1024], StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        (
+            "empty doc",
+            AutoCommit::new().save(),
+            StatusCode::BAD_REQUEST,
+            "no_changes",
+        ),
+        (
+            "too large",
+            vec![0u8; 65 * 1024],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
     ];
     for (name, body, status, code) in cases {
         let (got, json, _) = post(&c, &url, body).await;
@@ -429,7 +449,10 @@ async fn compare_and_set_and_delete() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
-    assert_eq!(c.get(&url).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
 
     // If-None-Match: * creates once.
     let r = c
@@ -476,8 +499,14 @@ async fn compare_and_set_and_delete() {
 
     let r = c.delete(&url).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    assert_eq!(c.get(&url).send().await.unwrap().status(), StatusCode::NOT_FOUND);
-    assert_eq!(c.delete(&url).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        c.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        c.delete(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
     // It can be created again.
     let (status, _, _) = post(&c, &url, doc.save()).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -510,13 +539,25 @@ async fn cors_and_server_routes() {
         .await
         .unwrap();
     assert!(r.status().is_success());
-    let allowed = r.headers()["access-control-allow-headers"].to_str().unwrap();
+    let allowed = r.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap();
     assert!(allowed.contains("if-match") && allowed.contains("content-type"));
 
     for path in ["/_/health", "/_/ready"] {
-        assert_eq!(c.get(relay.url(path)).send().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            c.get(relay.url(path)).send().await.unwrap().status(),
+            StatusCode::OK
+        );
     }
-    let text = c.get(relay.url("/")).send().await.unwrap().text().await.unwrap();
+    let text = c
+        .get(relay.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(text.contains("automerge-relay"));
     let list: serde_json::Value = c
         .get(relay.url("/_/docs"))
@@ -540,7 +581,10 @@ async fn cors_origin_can_be_restricted() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.headers()["access-control-allow-origin"], "http://good.example");
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://good.example"
+    );
     let r = c
         .get(relay.url("/_/health"))
         .header("origin", "http://evil.example")

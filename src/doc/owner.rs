@@ -427,6 +427,7 @@ impl Owner {
     /// Hands one event to every subscriber without ever waiting: a full queue marks the
     /// subscriber as lagged (it catches up by itself), a closed one is dropped.
     fn push(&mut self, event: DocEvent) {
+        let stats = &self.inner.stats;
         self.subscribers.retain(|s| {
             if let DocEvent::Changes(b) = &event {
                 if b.sole_origin == Some(s.conn) {
@@ -436,6 +437,7 @@ impl Owner {
             match s.tx.try_send(event.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
+                    stats.overflowed();
                     s.lagged.store(true, Ordering::Release);
                     true
                 }

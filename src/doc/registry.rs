@@ -49,6 +49,7 @@ pub struct Stats {
     persist_micros: AtomicU64,
     loads: AtomicU64,
     compactions: AtomicU64,
+    overflows: AtomicU64,
 }
 
 #[derive(Serialize, Debug, Clone, Copy)]
@@ -60,6 +61,8 @@ pub struct StatsSnapshot {
     pub persist_micros: u64,
     pub loads: u64,
     pub compactions: u64,
+    /// Events dropped for full subscriber queues (each followed by a catch-up).
+    pub subscriber_overflows: u64,
     pub hot_documents: u64,
 }
 
@@ -80,6 +83,9 @@ impl Stats {
     }
     pub(super) fn loaded(&self) {
         self.loads.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(super) fn overflowed(&self) {
+        self.overflows.fetch_add(1, Ordering::Relaxed);
     }
     pub(super) fn compacted(&self) {
         self.compactions.fetch_add(1, Ordering::Relaxed);
@@ -248,6 +254,7 @@ impl Documents {
             persist_micros: s.persist_micros.load(Ordering::Relaxed),
             loads: s.loads.load(Ordering::Relaxed),
             compactions: s.compactions.load(Ordering::Relaxed),
+            subscriber_overflows: s.overflows.load(Ordering::Relaxed),
             hot_documents: self.inner.owners.len() as u64,
         }
     }

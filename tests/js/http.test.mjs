@@ -3,6 +3,7 @@
 
 import { describe, test, before, after } from "node:test"
 import assert from "node:assert/strict"
+import { randomBytes } from "node:crypto"
 import * as A from "@automerge/automerge"
 import {
   generateAutomergeUrl,
@@ -517,5 +518,58 @@ describe("HTTP durability across restarts", { skip: RELAY_ONLY }, () => {
     assert.equal(g.status, 200)
     assert.equal(g.etag, r.etag)
     assert.deepEqual([...A.load(g.body).items], ["durable", "acked just before the crash"])
+  })
+})
+
+describe("HTTP body limit", { skip: RELAY_ONLY }, () => {
+  let relay
+  const LIMIT = 4096
+  before(async () => {
+    relay = new Relay({ args: ["--max-body", String(LIMIT)] })
+    await relay.start()
+  })
+  after(async () => {
+    await relay?.stop()
+  })
+
+  test("an upload over --max-body gets 413 and stores nothing", async () => {
+    const id = uniqueId("big")
+    // Random bytes do not compress: the save is well over the limit.
+    const big = A.save(A.from({ blob: new Uint8Array(randomBytes(3 * LIMIT)) }))
+    assert.ok(big.length > LIMIT, `save is ${big.length} B`)
+    const r = await upload(relay, id, big)
+    assert.equal(r.status, 413, r.text)
+    assert.equal((await fetch(relay.url(id))).status, 404)
+    // A small upload to the same id still works.
+    assert.equal((await upload(relay, id, A.save(A.from({ small: true })))).status, 201)
+  })
+})
+
+describe("CORS restricted with --cors-origin", { skip: RELAY_ONLY }, () => {
+  let relay
+  const allowed = "http://allowed.example"
+  before(async () => {
+    relay = new Relay({ args: ["--cors-origin", allowed] })
+    await relay.start()
+  })
+  after(async () => {
+    await relay?.stop()
+  })
+
+  test("only the configured origin is allowed", async () => {
+    const id = uniqueId("cors-restricted")
+    assert.equal((await upload(relay, id, A.save(A.from({ c: 1 })))).status, 201)
+    const ok = await fetch(relay.url(id), { headers: { Origin: allowed } })
+    assert.equal(ok.status, 200)
+    assert.equal(ok.headers.get("access-control-allow-origin"), allowed)
+    const other = await fetch(relay.url(id), { headers: { Origin: "http://evil.example" } })
+    const allow = other.headers.get("access-control-allow-origin")
+    assert.ok(allow !== "*" && allow !== "http://evil.example", `allow-origin for another origin: ${allow}`)
+    const pre = await fetch(relay.url(id), {
+      method: "OPTIONS",
+      headers: { Origin: "http://evil.example", "Access-Control-Request-Method": "POST" },
+    })
+    const preAllow = pre.headers.get("access-control-allow-origin")
+    assert.ok(preAllow !== "*" && preAllow !== "http://evil.example", `preflight allow-origin: ${preAllow}`)
   })
 })

@@ -3,6 +3,7 @@
 
 import { describe, test, before, after, afterEach } from "node:test"
 import assert from "node:assert/strict"
+import { randomBytes } from "node:crypto"
 import * as A from "@automerge/automerge"
 import { parseAutomergeUrl, generateAutomergeUrl } from "@automerge/automerge-repo"
 import { Relay, RELAY_ONLY, WsClient, bytes, parseJson, uniqueId, waitFor } from "./lib/relay.mjs"
@@ -335,5 +336,117 @@ describe("SSE", { skip: RELAY_ONLY }, () => {
     await waitFor(() => sse.events.some(e => e.event === "deleted"), {
       message: () => `deleted event; got ${JSON.stringify(sse.events)}`,
     })
+  })
+})
+
+describe("per-document WebSocket message limit", { skip: RELAY_ONLY }, () => {
+  let relay
+  const LIMIT = 4096
+  before(async () => {
+    relay = new Relay({ args: ["--max-body", String(LIMIT)] })
+    await relay.start()
+  })
+  after(async () => {
+    await relay?.stop()
+  })
+
+  test("a message over the size limit closes the socket with 1009 and stores nothing", async () => {
+    const id = uniqueId("ws-big")
+    const c = await WsClient.connect(relay.ws(id))
+    try {
+      // Random bytes do not compress: the save is well over the limit.
+      const big = A.save(A.from({ blob: new Uint8Array(randomBytes(3 * LIMIT)) }))
+      assert.ok(big.length > LIMIT)
+      c.send(big)
+      const info = await waitFor(() => c.closeInfo, { message: "socket closed after an oversized message" })
+      assert.equal(info.code, 1009)
+      assert.equal((await fetch(relay.url(id))).status, 404)
+    } finally {
+      await c.close()
+    }
+  })
+})
+
+describe("slow subscribers", { skip: RELAY_ONLY }, () => {
+  let relay
+  before(async () => {
+    relay = new Relay({ args: ["--subscriber-queue", "2", "--ping-secs", "3600"] })
+    await relay.start()
+  })
+  after(async () => {
+    await relay?.stop()
+  })
+
+  test("a stalled subscriber stalls nobody and never silently misses a change", { timeout: 60_000 }, async () => {
+    const id = uniqueId("ws-slow")
+    let doc = A.from({ blobs: [] })
+    assert.equal((await post(relay, id, A.save(doc))).status, 201)
+
+    const slow = await WsClient.connect(relay.ws(id))
+    const fast = await WsClient.connect(relay.ws(id))
+    try {
+      const s0 = await slow.next(isBinary)
+      const f0 = await fast.next(isBinary)
+      // Stop reading: the kernel buffers fill up, then the relay's queue for this subscriber.
+      slow.ws._socket.pause()
+
+      let lastHeads
+      // ~8 MB in 32 batches: more than loopback socket buffers hold.
+      for (let i = 0; i < 32; i++) {
+        const before = A.getHeads(doc)
+        doc = A.change(doc, d => {
+          d.blobs.push(new Uint8Array(randomBytes(256 * 1024)))
+        })
+        const r = await post(relay, id, A.saveSince(doc, before))
+        assert.equal(r.status, 200)
+        lastHeads = r.json.heads
+      }
+
+      // The fast subscriber got everything while the slow one was stalled.
+      let fastDoc = A.load(f0.data)
+      let applied = f0.index + 1
+      await waitFor(
+        () => {
+          for (; applied < fast.messages.length; applied++) {
+            const m = fast.messages[applied]
+            if (m.binary) fastDoc = A.loadIncremental(fastDoc, m.data)
+          }
+          return sameHeads(A.getHeads(fastDoc), lastHeads)
+        },
+        { timeout: 20_000, message: "the fast subscriber to receive every change" },
+      )
+
+      slow.ws._socket.resume()
+      // Either the slow subscriber catches up (coalesced catch-up message) or it is closed with
+      // 4008 and resyncs by reconnecting. Anything else is a silently missed change.
+      let slowDoc = A.load(s0.data)
+      let seen = s0.index + 1
+      const outcome = await waitFor(
+        () => {
+          for (; seen < slow.messages.length; seen++) {
+            const m = slow.messages[seen]
+            if (m.binary) slowDoc = A.loadIncremental(slowDoc, m.data)
+          }
+          if (sameHeads(A.getHeads(slowDoc), lastHeads)) return "caught up"
+          if (slow.closeInfo) return "closed"
+          return false
+        },
+        { timeout: 20_000, message: "the slow subscriber to catch up or be closed" },
+      )
+      if (outcome === "closed") {
+        assert.equal(slow.closeInfo.code, 4008, `closed with ${JSON.stringify(slow.closeInfo)}`)
+        const again = await WsClient.connect(relay.ws(id))
+        try {
+          const full = await again.next(isBinary)
+          assert.ok(sameHeads(A.getHeads(A.load(full.data)), lastHeads))
+        } finally {
+          await again.close()
+        }
+      }
+    } finally {
+      slow.ws._socket?.resume()
+      await slow.close()
+      await fast.close()
+    }
   })
 })

@@ -104,9 +104,11 @@ export async function withTimeout(promise, ms, what = "operation") {
 
 /** A server process under test (the relay binary, or the reference sync server). */
 export class Relay {
-  constructor({ dataDir, target = TARGET } = {}) {
+  /** `args`: extra command-line arguments for the relay binary (ignored for the reference server). */
+  constructor({ dataDir, target = TARGET, args = [] } = {}) {
     this.dataDir = dataDir ?? tempDir("relay-data-")
     this.target = target
+    this.args = args
     this.proc = undefined
     this.port = undefined
     this.stderr = ""
@@ -151,7 +153,7 @@ export class Relay {
         throw new Error(`relay binary not found at ${RELAY_BIN} (set RELAY_BIN)`)
       }
       cmd = RELAY_BIN
-      args = ["serve", "--listen", `127.0.0.1:${port}`, "--data-dir", this.dataDir]
+      args = ["serve", "--listen", `127.0.0.1:${port}`, "--data-dir", this.dataDir, ...this.args]
     }
     this.stderr = ""
     this.exitInfo = undefined

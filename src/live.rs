@@ -1,0 +1,117 @@
+//! Following one document's merged batches, for any live transport.
+//!
+//! The owner never waits for a subscriber: each has a bounded queue, and when it is full the
+//! owner drops the event and raises the subscriber's `lagged` flag. A [`Follower`] first
+//! delivers what is queued (older events), then, seeing the flag, replaces everything it missed
+//! with **one** catch-up read of the changes since the last heads it delivered. A slow client
+//! therefore costs a bounded amount of memory and never silently misses a change.
+
+use std::sync::atomic::Ordering;
+
+use automerge::ChangeHash;
+use bytes::Bytes;
+use tokio::sync::mpsc::error::TryRecvError;
+
+use crate::doc::{ConnId, DocEvent, Documents, ReadOutcome, Subscription};
+use crate::error::RelayError;
+use crate::id::DocId;
+
+/// What a live transport must deliver next.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// New changes (loadable by `loadIncremental`) and the document's heads after them.
+    Changes {
+        bytes: Bytes,
+        heads: Vec<ChangeHash>,
+    },
+    /// The document was deleted; the subscription has ended.
+    Deleted,
+}
+
+pub struct Follower {
+    docs: Documents,
+    id: DocId,
+    conn: ConnId,
+    sub: Subscription,
+    last_heads: Vec<ChangeHash>,
+    catch_ups: u64,
+}
+
+impl Follower {
+    /// Subscribes and returns the follower with the document as it is now (if it exists).
+    pub async fn subscribe(
+        docs: &Documents,
+        id: &DocId,
+        queue: usize,
+    ) -> Result<(Self, Option<Bytes>), RelayError> {
+        let conn = docs.next_conn_id();
+        let mut sub = docs.subscribe(id, conn, queue).await?;
+        let initial = sub.initial.take();
+        let last_heads = initial.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
+        let follower = Self {
+            docs: docs.clone(),
+            id: id.clone(),
+            conn,
+            sub,
+            last_heads,
+            catch_ups: 0,
+        };
+        Ok((follower, initial.map(|(bytes, _)| bytes)))
+    }
+
+    /// This subscriber's connection id (its own writes are not echoed to it).
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// How many times this follower fell behind and caught up.
+    pub fn catch_ups(&self) -> u64 {
+        self.catch_ups
+    }
+
+    /// The next thing to deliver; `None` once the subscription has ended.
+    pub async fn next(&mut self) -> Result<Option<Delivery>, RelayError> {
+        loop {
+            let event = match self.sub.events.try_recv() {
+                Ok(event) => Some(event),
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected)
+                    if self.sub.lagged.swap(false, Ordering::AcqRel) =>
+                {
+                    if let Some(d) = self.catch_up().await? {
+                        return Ok(Some(d));
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Empty) => self.sub.events.recv().await,
+                Err(TryRecvError::Disconnected) => None,
+            };
+            return Ok(match event {
+                Some(DocEvent::Changes(batch)) => {
+                    self.last_heads = batch.heads.clone();
+                    Some(Delivery::Changes {
+                        bytes: batch.bytes.clone(),
+                        heads: batch.heads.clone(),
+                    })
+                }
+                Some(DocEvent::Deleted) => Some(Delivery::Deleted),
+                None if self.sub.lagged.load(Ordering::Acquire) => continue,
+                None => None,
+            });
+        }
+    }
+
+    async fn catch_up(&mut self) -> Result<Option<Delivery>, RelayError> {
+        self.catch_ups += 1;
+        let since = Some(self.last_heads.clone());
+        match self.docs.read(&self.id, since).await? {
+            ReadOutcome::Missing => Ok(Some(Delivery::Deleted)),
+            ReadOutcome::Found { bytes, heads, .. } => {
+                if heads == self.last_heads {
+                    return Ok(None);
+                }
+                self.last_heads = heads.clone();
+                Ok(Some(Delivery::Changes { bytes, heads }))
+            }
+        }
+    }
+}

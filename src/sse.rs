@@ -1,0 +1,67 @@
+//! Server-sent events: `GET /{id}` with `Accept: text/event-stream`.
+//!
+//! One `change` event per merged batch, data `{"heads":[...]}` (clients fetch `?since=` for the
+//! bytes); `deleted` when the document is deleted, then the stream ends. A subscriber that fell
+//! behind gets one `change` event with the latest heads instead of the ones it missed.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
+use serde_json::json;
+
+use crate::error::RelayError;
+use crate::http::AppState;
+use crate::id::DocId;
+use crate::live::{Delivery, Follower};
+
+/// True when the request asks for an event stream.
+pub fn wants_sse(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
+}
+
+pub async fn stream(state: AppState, id: DocId) -> Result<Response, RelayError> {
+    // Subscribe before answering: once the client sees the headers, no change is missed.
+    let (follower, _) =
+        Follower::subscribe(&state.docs, &id, state.limits.subscriber_queue).await?;
+    let shutdown = state.shutdown.clone();
+    let events = stream::unfold((follower, false), move |(mut follower, done)| {
+        let shutdown = shutdown.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let next = tokio::select! {
+                n = follower.next() => n,
+                _ = shutdown.cancelled() => return None,
+            };
+            let (event, done) = match next {
+                Ok(Some(Delivery::Changes { heads, .. })) => {
+                    let heads: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
+                    (
+                        Event::default()
+                            .event("change")
+                            .data(json!({"heads": heads}).to_string()),
+                        false,
+                    )
+                }
+                Ok(Some(Delivery::Deleted)) => (Event::default().event("deleted").data("{}"), true),
+                Ok(None) => return None,
+                Err(e) => (
+                    Event::default().event("error").data(e.body().to_string()),
+                    false,
+                ),
+            };
+            Some((Ok::<_, Infallible>(event), (follower, done)))
+        }
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}

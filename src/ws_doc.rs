@@ -1,0 +1,176 @@
+//! The per-document WebSocket: `GET /{id}` with an upgrade.
+//!
+//! Server → client: one binary message with the whole document (if it exists), then one binary
+//! message per merged batch with exactly its new changes; text `{"type":"ack",...}` after each
+//! of the client's uploads is durable; `{"type":"error",...}` for bad data (the socket stays
+//! usable); `{"type":"deleted"}` and close code 4404 when the document is deleted. A message over
+//! the size limit closes the socket with 1009. Client → server: binary saves or changes, merged
+//! exactly like a PUT. Uploads are pipelined (several in flight, acknowledged in order) so one
+//! busy client batches well in the document owner.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+
+use crate::doc::{Documents, Precondition};
+use crate::error::RelayError;
+use crate::http::{validate, AppState};
+use crate::id::DocId;
+use crate::live::{Delivery, Follower};
+
+/// Close code sent when the document is deleted.
+pub const CLOSE_DELETED: u16 = 4404;
+/// Close code for "message too big".
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code sent when the server shuts down.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Uploads from one socket that may be in flight at once.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// Small buffers keep an idle subscriber cheap (tungstenite's default read buffer is 128 KiB).
+pub fn configure(ws: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
+}
+
+pub fn upgrade(ws: WebSocketUpgrade, state: AppState, id: DocId) -> Response {
+    let max = state.limits.max_body;
+    let tasks = state.tasks.clone();
+    configure(ws, max).on_upgrade(move |socket| {
+        tasks.track_future(async move {
+            if let Err(e) = serve(socket, state, id.clone()).await {
+                tracing::debug!(doc = %id, error = %e, "document socket ended");
+            }
+        })
+    })
+}
+
+fn text(value: serde_json::Value) -> Message {
+    Message::Text(Utf8Bytes::from(value.to_string()))
+}
+
+fn error_message(e: &RelayError) -> Message {
+    text(json!({"type": "error", "error": e.code(), "message": e.to_string()}))
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+async fn write_one(
+    docs: Documents,
+    id: DocId,
+    conn: u64,
+    data: bytes::Bytes,
+) -> Result<serde_json::Value, RelayError> {
+    let upload = validate(data).await?;
+    let outcome = docs
+        .write(&id, upload, Precondition::None, Some(conn))
+        .await?;
+    let heads: Vec<String> = outcome.heads.iter().map(|h| h.to_string()).collect();
+    let mut ack = json!({"type": "ack", "heads": heads, "applied": outcome.applied});
+    if outcome.pending > 0 {
+        ack["pending"] = json!(outcome.pending);
+    }
+    Ok(ack)
+}
+
+async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum::Error> {
+    let (mut sink, mut stream) = socket.split();
+    let (mut follower, initial) =
+        match Follower::subscribe(&state.docs, &id, state.limits.subscriber_queue).await {
+            Ok(v) => v,
+            Err(e) => {
+                sink.send(error_message(&e)).await?;
+                return sink.send(close(1011, "subscription failed")).await;
+            }
+        };
+    if let Some(bytes) = initial {
+        sink.send(Message::Binary(bytes)).await?;
+    }
+    let conn = follower.conn();
+    let mut in_flight = FuturesOrdered::new();
+    let ping_every = state.limits.ping_interval;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    let mut last_seen = Instant::now();
+    let shutdown = state.shutdown.clone();
+    let mut following = true;
+    loop {
+        tokio::select! {
+            msg = stream.next(), if in_flight.len() < MAX_IN_FLIGHT => {
+                last_seen = Instant::now();
+                match msg {
+                    Some(Ok(Message::Binary(data))) => {
+                        in_flight.push_back(write_one(state.docs.clone(), id.clone(), conn, data));
+                    }
+                    Some(Ok(Message::Text(_))) => {
+                        let e = RelayError::BadRequest(
+                            "send Automerge data as binary messages".into(),
+                        );
+                        sink.send(error_message(&e)).await?;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(e)) => {
+                        tracing::info!(doc = %id, error = %e, "closing document socket");
+                        let _ = sink.send(close(CLOSE_TOO_BIG, "message too big or malformed")).await;
+                        return Err(e);
+                    }
+                }
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let reply = match done {
+                    Ok(ack) => text(ack),
+                    Err(e) => error_message(&e),
+                };
+                sink.send(reply).await?;
+            }
+            delivery = follower.next(), if following => {
+                match delivery {
+                    Ok(Some(Delivery::Changes { bytes, .. })) => {
+                        sink.send(Message::Binary(bytes)).await?;
+                    }
+                    Ok(Some(Delivery::Deleted)) => {
+                        sink.send(text(json!({"type": "deleted"}))).await?;
+                        sink.send(close(CLOSE_DELETED, "document deleted")).await?;
+                        return Ok(());
+                    }
+                    Ok(None) => following = false,
+                    Err(e) => {
+                        sink.send(error_message(&e)).await?;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() > ping_every * 2 + Duration::from_millis(500) {
+                    tracing::debug!(doc = %id, "dropping a socket that stopped answering pings");
+                    return Ok(());
+                }
+                sink.send(Message::Ping(bytes::Bytes::new())).await?;
+            }
+            _ = shutdown.cancelled() => {
+                // Finish what was accepted, then say goodbye.
+                while let Some(done) = in_flight.next().await {
+                    let reply = match done {
+                        Ok(ack) => text(ack),
+                        Err(e) => error_message(&e),
+                    };
+                    sink.send(reply).await?;
+                }
+                return sink.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
+            }
+        }
+    }
+    // The client closed: its accepted uploads still complete (they are owned by the owner).
+    while in_flight.next().await.is_some() {}
+    Ok(())
+}
