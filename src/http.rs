@@ -39,6 +39,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Upgraded sockets, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Shared state of automerge-repo connections.
+    pub hub: Arc<crate::repo::hub::Hub>,
 }
 
 /// Limits and tuning the transports need.
@@ -113,8 +115,14 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String
         .layer(TraceLayer::new_for_http()))
 }
 
-async fn root() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ABOUT)
+async fn root(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match ws {
+        Ok(ws) => crate::repo::socket::upgrade(ws, state),
+        Err(_) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ABOUT).into_response(),
+    }
 }
 
 async fn health() -> impl IntoResponse {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod id;
 pub mod live;
+pub mod repo;
 pub mod server;
 pub mod sse;
 pub mod storage;

@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ServeArgs, StoreKind};
 use crate::doc::Documents;
+use crate::repo::hub::Hub;
 use crate::http::{router, AppState, Limits};
 use crate::storage::{MemoryStore, SledStore, Store};
 
@@ -47,6 +48,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         docs: docs.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        hub: Arc::new(Hub::new(format!("automerge-relay-{}", std::process::id()))),
         limits: Arc::new(Limits {
             max_body: args.max_body,
             subscriber_queue: args.subscriber_queue,

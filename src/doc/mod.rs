@@ -5,12 +5,14 @@
 
 mod etag;
 mod owner;
+mod peer;
 mod registry;
 
 pub use etag::{etag_for, parse_heads};
 pub use owner::{
     Command, DocEvent, PushBatch, ReadOutcome, Subscription, WriteOutcome, WriteRequest,
 };
+pub use peer::{Outgoing, PeerLink};
 pub use registry::{Documents, Precondition, StatsSnapshot};
 
 /// Identifies a live connection, so a client is not sent a batch made only of its own changes.

@@ -9,11 +9,12 @@
 //! CPU-heavy work (apply, save) runs on tokio's blocking pool with the document moved in and
 //! out, so a large document never stalls the async workers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::mem;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash, SaveOptions};
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -21,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::etag::etag_for;
+use super::peer::{Outgoing, PeerLink};
 use super::registry::{Inner, Precondition};
 use super::ConnId;
 use crate::error::RelayError;
@@ -108,6 +110,25 @@ pub enum Command {
         queue: usize,
         reply: Reply<Subscription>,
     },
+    /// An automerge-repo sync (or request) message; its changes were split out and validated.
+    RepoSync {
+        link: PeerLink,
+        message: sync::Message,
+        upload: Option<Upload>,
+        request: bool,
+    },
+    /// A repo connection closed: forget its sync state.
+    RepoDetach { conn: ConnId },
+}
+
+/// One received repo sync message: (connection, message without its changes, was it a
+/// `request`, did it carry changes).
+type RepoIn = (ConnId, sync::Message, bool, bool);
+
+/// A repo peer of this document: its link and our sync state with it (fresh per connection).
+struct RepoPeer {
+    link: PeerLink,
+    state: sync::State,
 }
 
 struct Subscriber {
@@ -133,6 +154,7 @@ pub(super) struct Owner {
     subscribers: Vec<Subscriber>,
     compaction: Option<Compaction>,
     load_error: Option<String>,
+    repo_peers: HashMap<ConnId, RepoPeer>,
 }
 
 /// What the blocking half of a turn hands back.
@@ -146,6 +168,8 @@ struct Applied {
     full_save: Option<Bytes>,
     since_reads: Vec<Bytes>,
     snapshot: Option<Vec<u8>>,
+    repo_peers: HashMap<ConnId, RepoPeer>,
+    outgoing: Vec<(ConnId, Outgoing)>,
 }
 
 #[derive(Default)]
@@ -153,11 +177,15 @@ struct Segment {
     writes: Vec<WriteRequest>,
     reads: Vec<(Option<Vec<ChangeHash>>, Reply<ReadOutcome>)>,
     subscribes: Vec<(ConnId, usize, Reply<Subscription>)>,
+    repo: Vec<RepoIn>,
 }
 
 impl Segment {
     fn is_empty(&self) -> bool {
-        self.writes.is_empty() && self.reads.is_empty() && self.subscribes.is_empty()
+        self.writes.is_empty()
+            && self.reads.is_empty()
+            && self.subscribes.is_empty()
+            && self.repo.is_empty()
     }
 }
 
@@ -181,6 +209,7 @@ impl Owner {
             subscribers: Vec::new(),
             compaction: None,
             load_error: None,
+            repo_peers: HashMap::new(),
         }
     }
 
@@ -210,6 +239,7 @@ impl Owner {
     fn should_retire(&self) -> bool {
         !self.exists
             && self.subscribers.is_empty()
+            && self.repo_peers.is_empty()
             && self.compaction.is_none()
             && self.load_error.is_none()
     }
@@ -280,6 +310,33 @@ impl Owner {
                     self.run_segment(mem::take(&mut segment)).await;
                     let _ = reply.send(self.delete().await);
                 }
+                Command::RepoSync {
+                    link,
+                    message,
+                    upload,
+                    request,
+                } => {
+                    let conn = link.conn;
+                    self.repo_peers.entry(conn).or_insert_with(|| RepoPeer {
+                        link,
+                        state: sync::State::new(),
+                    });
+                    let had_changes = upload.is_some();
+                    if let Some(upload) = upload {
+                        // Merged in the same batch as every other upload; nobody awaits it.
+                        let (reply, _) = oneshot::channel();
+                        segment.writes.push(WriteRequest {
+                            upload,
+                            precondition: Precondition::None,
+                            origin: Some(conn),
+                            reply,
+                        });
+                    }
+                    segment.repo.push((conn, message, request, had_changes));
+                }
+                Command::RepoDetach { conn } => {
+                    self.repo_peers.remove(&conn);
+                }
             }
         }
         if !segment.is_empty() {
@@ -292,6 +349,7 @@ impl Owner {
             writes,
             reads,
             subscribes,
+            repo,
         } = segment;
         let exists_before = self.exists;
         let want_snapshot =
@@ -309,18 +367,23 @@ impl Owner {
         let doc = mem::take(&mut self.doc);
         let cached = self.cached_save.take();
         let stored_pending = mem::take(&mut self.stored_pending);
+        let repo_peers = mem::take(&mut self.repo_peers);
+        let id = self.id.clone();
         let started = std::time::Instant::now();
         let work = tokio::task::spawn_blocking(move || {
-            let applied = apply_segment(
+            let applied = apply_segment(SegmentInput {
+                id,
                 doc,
                 exists_before,
                 jobs,
-                &stored_pending,
+                stored_pending: &stored_pending,
                 need_full,
                 cached,
-                &since,
+                since: &since,
                 want_snapshot,
-            );
+                repo_peers,
+                repo,
+            });
             (applied, stored_pending)
         })
         .await;
@@ -346,8 +409,11 @@ impl Owner {
             full_save,
             since_reads,
             snapshot,
+            repo_peers,
+            outgoing,
         } = applied;
         self.doc = doc;
+        self.repo_peers = repo_peers;
         let apply_time = started.elapsed();
 
         if !persist.is_empty() {
@@ -366,9 +432,13 @@ impl Owner {
                 Err(e) => {
                     let err = RelayError::Storage(e.to_string());
                     tracing::error!(doc = %self.id, error = %err, "persisting a batch failed");
-                    // Memory must not run ahead of the store: reload the durable state.
+                    // Memory must not run ahead of the store: reload the durable state and
+                    // start every repo peer's sync over.
                     fail_all(writes, reads, subscribes, &err);
                     self.load().await;
+                    for peer in self.repo_peers.values_mut() {
+                        peer.state = sync::State::new();
+                    }
                     return;
                 }
             }
@@ -384,6 +454,15 @@ impl Owner {
         }
         if let Some(batch) = push {
             self.push(DocEvent::Changes(Arc::new(batch)));
+        }
+        for (conn, out) in outgoing {
+            let gone = self
+                .repo_peers
+                .get(&conn)
+                .is_some_and(|peer| !peer.link.offer(out));
+            if gone {
+                self.repo_peers.remove(&conn);
+            }
         }
         let mut since_reads = since_reads.into_iter();
         for (since, reply) in reads {
@@ -467,6 +546,11 @@ impl Owner {
         self.push(DocEvent::Deleted);
         // Dropping the senders ends every subscription after its queued events.
         self.subscribers.clear();
+        // Repo peers keep their copies; their next sync starts from nothing (and re-creates
+        // the document if they still have it).
+        for peer in self.repo_peers.values_mut() {
+            peer.state = sync::State::new();
+        }
         Ok(true)
     }
 
@@ -534,6 +618,7 @@ impl Command {
             Command::Subscribe { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
+            Command::RepoSync { .. } | Command::RepoDetach { .. } => {}
         }
     }
 }
@@ -561,19 +646,37 @@ struct WriteJob {
     origin: Option<ConnId>,
 }
 
-/// The CPU half of a turn: apply every write (one `load_incremental` per run of unconditional
-/// writes), work out what each write did, and prepare the bytes to persist, push and read.
-#[allow(clippy::too_many_arguments)]
-fn apply_segment(
-    mut doc: Automerge,
+struct SegmentInput<'a> {
+    id: DocId,
+    doc: Automerge,
     exists_before: bool,
     jobs: Vec<WriteJob>,
-    stored_pending: &HashSet<ChangeHash>,
+    stored_pending: &'a HashSet<ChangeHash>,
     need_full: bool,
     cached: Option<Bytes>,
-    since: &[Option<Vec<ChangeHash>>],
+    since: &'a [Option<Vec<ChangeHash>>],
     want_snapshot: bool,
-) -> Applied {
+    repo_peers: HashMap<ConnId, RepoPeer>,
+    repo: Vec<RepoIn>,
+}
+
+/// The CPU half of a turn: apply every write (one `load_incremental` per run of unconditional
+/// writes), work out what each write did, run the repo peers' sync exchanges, and prepare the
+/// bytes to persist, push and read.
+fn apply_segment(input: SegmentInput<'_>) -> Applied {
+    let SegmentInput {
+        id,
+        mut doc,
+        exists_before,
+        jobs,
+        stored_pending,
+        need_full,
+        cached,
+        since,
+        want_snapshot,
+        mut repo_peers,
+        repo,
+    } = input;
     let old_heads = doc.get_heads();
     let mut outcomes: Vec<Option<RelayError>> = Vec::with_capacity(jobs.len());
     let mut group: Vec<u8> = Vec::new();
@@ -738,6 +841,7 @@ fn apply_segment(
             Bytes::from(doc.save_after(&known))
         })
         .collect();
+    let outgoing = repo_exchange(&id, &mut doc, &mut repo_peers, repo, exists_before || changed, !new.is_empty());
     let snapshot = (want_snapshot && changed).then(|| {
         doc.save_with_options(SaveOptions {
             deflate: true,
@@ -754,5 +858,75 @@ fn apply_segment(
         full_save,
         since_reads,
         snapshot,
+        repo_peers,
+        outgoing,
     }
+}
+
+/// The repo side of a turn: receive each peer's sync message (its changes were already merged
+/// with the batch), answer requests for a document that does not exist with `doc-unavailable`,
+/// then generate a sync message for every peer that spoke or, when the document changed, for
+/// every peer. A peer whose sync is in flight gets nothing until it answers (automerge's flow
+/// control), which coalesces bursts of changes for slow peers.
+fn repo_exchange(
+    id: &DocId,
+    doc: &mut Automerge,
+    peers: &mut HashMap<ConnId, RepoPeer>,
+    messages: Vec<RepoIn>,
+    exists: bool,
+    changed: bool,
+) -> Vec<(ConnId, Outgoing)> {
+    let mut out = Vec::new();
+    let mut spoke: HashSet<ConnId> = HashSet::new();
+    let mut unavailable: HashSet<ConnId> = HashSet::new();
+    for (conn, message, request, had_changes) in messages {
+        let Some(peer) = peers.get_mut(&conn) else {
+            continue;
+        };
+        let their_heads_empty = message.heads.is_empty();
+        let last_sent = peer.state.last_sent_heads.clone();
+        if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
+            tracing::warn!(conn, error = %e, "bad sync message; restarting this peer's sync");
+            peer.state = sync::State::new();
+        }
+        if had_changes {
+            // The changes were merged before this call (in the batch), so automerge took the
+            // message for a heads-only one and assumed we already told the peer our heads.
+            // Undo that: the peer must get an acknowledgement with our new heads.
+            peer.state.last_sent_heads = last_sent;
+        }
+        spoke.insert(conn);
+        if !exists && doc.get_heads().is_empty() && (request || their_heads_empty) {
+            unavailable.insert(conn);
+        }
+    }
+    let doc_empty = doc.get_heads().is_empty();
+    let mut conns: Vec<ConnId> = peers.keys().copied().collect();
+    conns.sort_unstable();
+    for conn in conns {
+        if unavailable.contains(&conn) {
+            out.push((conn, Outgoing::Unavailable { doc: id.clone() }));
+            continue;
+        }
+        if !(changed || spoke.contains(&conn)) {
+            continue;
+        }
+        let Some(peer) = peers.get_mut(&conn) else {
+            continue;
+        };
+        let they_have_nothing = peer
+            .state
+            .their_heads
+            .as_ref()
+            .is_none_or(|h| h.is_empty());
+        if doc_empty && they_have_nothing {
+            continue;
+        }
+        let generated = doc.generate_sync_message(&mut peer.state);
+        tracing::debug!(doc = %id, conn, sent = generated.is_some(), "repo sync generated");
+        if let Some(msg) = generated {
+            out.push((conn, Outgoing::Sync { doc: id.clone(), data: msg.encode() }));
+        }
+    }
+    out
 }

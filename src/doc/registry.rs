@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::owner::{Command, Owner, ReadOutcome, Subscription, WriteOutcome, WriteRequest};
-use super::ConnId;
+use super::{ConnId, PeerLink};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::storage::Store;
@@ -220,6 +220,29 @@ impl Documents {
     ) -> Result<Subscription, RelayError> {
         self.call(id, |reply| Command::Subscribe { conn, queue, reply })
             .await
+    }
+
+    /// Hands an automerge-repo sync message to the document's owner (replies go to `link`).
+    pub async fn repo_sync(
+        &self,
+        id: &DocId,
+        link: PeerLink,
+        message: automerge::sync::Message,
+        upload: Option<Upload>,
+        request: bool,
+    ) {
+        let cmd = Command::RepoSync {
+            link,
+            message,
+            upload,
+            request,
+        };
+        self.inner.forward(id, cmd).await;
+    }
+
+    /// Tells the document's owner that a repo connection is gone.
+    pub async fn repo_detach(&self, id: &DocId, conn: ConnId) {
+        self.inner.forward(id, Command::RepoDetach { conn }).await;
     }
 
     /// Lists stored documents (paged by id).

@@ -6,7 +6,7 @@ import { describe, test, before, after, afterEach } from "node:test"
 import assert from "node:assert/strict"
 import * as A from "@automerge/automerge"
 import { generateAutomergeUrl, isValidDocumentId } from "@automerge/automerge-repo"
-import { Relay, RELAY_ONLY, bytes, waitFor, withTimeout } from "./lib/relay.mjs"
+import { IS_REFERENCE, Relay, RELAY_ONLY, bytes, waitFor, withTimeout } from "./lib/relay.mjs"
 import {
   RepoPool,
   closeRepo,
@@ -15,9 +15,14 @@ import {
   waitConverged,
   waitPeer,
   waitServerHas,
+  waitSyncAck,
 } from "./lib/repo.mjs"
 
 const TEST_TIMEOUT = 60_000
+
+/** Wait until `relay` holds the handle's heads: via HTTP for the relay, via sync acks otherwise. */
+const serverHas = (relay, repo, handle) =>
+  waitServerHas(repo, handle, { httpUrl: IS_REFERENCE ? undefined : relay.httpUrl })
 
 describe("automerge-repo clients through the server", () => {
   let relay
@@ -45,7 +50,7 @@ describe("automerge-repo clients through the server", () => {
       d.title = "shared list"
     })
     assert.ok(isValidDocumentId(handleA.documentId))
-    await waitServerHas(repoA, handleA)
+    await serverHas(relay, repoA, handleA)
 
     const handleB = await withTimeout(repoB.find(handleA.url), 10_000, "B.find")
     assert.equal(handleB.documentId, handleA.documentId)
@@ -71,7 +76,7 @@ describe("automerge-repo clients through the server", () => {
     const repoA = pool.make(relay.wsUrl)
     const repoB = pool.make(relay.wsUrl)
     const handleA = repoA.create({ count: 0, log: [] })
-    await waitServerHas(repoA, handleA)
+    await serverHas(relay, repoA, handleA)
     const handleB = await withTimeout(repoB.find(handleA.url), 10_000, "B.find")
 
     // Concurrent edits on both sides, many small changes each.
@@ -90,7 +95,7 @@ describe("automerge-repo clients through the server", () => {
       d.fromB = true
     })
     const heads = await waitConverged([handleA, handleB], { timeout: 20_000 })
-    await waitServerHas(repoA, handleA)
+    await serverHas(relay, repoA, handleA)
 
     const repoC = pool.make(relay.wsUrl)
     const handleC = await withTimeout(repoC.find(handleA.url), 10_000, "C.find")
@@ -106,6 +111,18 @@ describe("automerge-repo clients through the server", () => {
       assert.ok(doc.log.includes(`b${i}`), `missing b${i}`)
     }
     assert.deepEqual([...doc.log], [...handleA.doc().log])
+  })
+
+  test("the server's sync reply acknowledges a client's changes (theirHeads)", { timeout: TEST_TIMEOUT }, async () => {
+    // A client that created a document learns from the server's sync messages that the server
+    // now holds its heads (what automerge-repo's getSyncInfo / "synced" indicators rely on).
+    const repo = pool.make(relay.wsUrl)
+    const handle = repo.create({ ack: 1 })
+    await waitSyncAck(repo, handle)
+    handle.change(d => {
+      d.ack = 2
+    })
+    await waitSyncAck(repo, handle)
   })
 
   test("find of an unknown document rejects as unavailable, quickly", { timeout: TEST_TIMEOUT }, async () => {
@@ -132,7 +149,7 @@ describe("automerge-repo clients through the server", () => {
     handle.change(d => {
       d.items.push("repo 2")
     })
-    await waitServerHas(repo, handle)
+    await serverHas(relay, repo, handle)
 
     // HTTP GET of /{documentId} returns what the repo client wrote.
     const res = await fetch(relay.url(handle.documentId))
@@ -162,7 +179,7 @@ describe("automerge-repo clients through the server", () => {
     handle.change(d => {
       d.items.push("repo 3")
     })
-    await waitServerHas(repo, handle)
+    await serverHas(relay, repo, handle)
     const res2 = await fetch(relay.url(handle.documentId))
     assert.equal(res2.status, 200)
     const httpDoc2 = A.load(await bytes(res2))
@@ -173,7 +190,7 @@ describe("automerge-repo clients through the server", () => {
     const repoA = pool.make(relay.wsUrl, { storage: true })
     const repoB = pool.make(relay.wsUrl)
     const handleA = repoA.create({ notes: ["start"] })
-    await waitServerHas(repoA, handleA)
+    await serverHas(relay, repoA, handleA)
     const handleB = await withTimeout(repoB.find(handleA.url), 10_000, "B.find")
     await waitConverged([handleA, handleB])
 
@@ -189,7 +206,7 @@ describe("automerge-repo clients through the server", () => {
     handleB.change(d => {
       d.notes.push("B online")
     })
-    await waitServerHas(repoB, handleB)
+    await serverHas(relay, repoB, handleB)
     // A is really offline: it has not seen B's change.
     assert.equal(handleA.doc().notes.includes("B online"), false)
 
@@ -213,7 +230,7 @@ describe("automerge-repo clients through the server", () => {
     const repoA = pool.make(relay.wsUrl)
     const repoB = pool.make(relay.wsUrl)
     const handleA = repoA.create({ topic: "presence" })
-    await waitServerHas(repoA, handleA)
+    await serverHas(relay, repoA, handleA)
     const handleB = await withTimeout(repoB.find(handleA.url), 10_000, "B.find")
     await waitConverged([handleA, handleB])
 
@@ -258,7 +275,7 @@ describe("server restarts", () => {
         d.items.push(`edit ${i}`)
       })
     }
-    await waitServerHas(repoA, handleA)
+    await serverHas(relay, repoA, handleA)
     const headsA = A.getHeads(handleA.doc())
     const url = handleA.url
     await closeRepo(repoA)
@@ -281,7 +298,7 @@ describe("server restarts", () => {
     const repoA = pool.make(relay.wsUrl, { retryInterval: 200, storage: true })
     const repoB = pool.make(relay.wsUrl, { retryInterval: 200 })
     const handleA = repoA.create({ phase: "one", log: [] })
-    await waitServerHas(repoA, handleA)
+    await serverHas(relay, repoA, handleA)
     const handleB = await withTimeout(repoB.find(handleA.url), 10_000, "B.find")
     await waitConverged([handleA, handleB])
 

@@ -35,12 +35,35 @@ export function makeRepo(wsUrl, { storage = false, retryInterval, peerId } = {})
   return repo
 }
 
-/** Wait until the server has told this repo that it holds exactly the handle's current heads. */
-export async function waitServerHas(repo, handle, { timeout = 10_000 } = {}) {
+/**
+ * Wait until the server holds the handle's current heads. With `httpUrl` (relay mode) this
+ * polls `GET /{documentId}`; without it, it waits until the server has told this repo, in its
+ * sync messages, that it holds exactly those heads (what the reference server does).
+ */
+export async function waitServerHas(repo, handle, { timeout = 10_000, httpUrl } = {}) {
   const want = () => A.getHeads(handle.doc())
-  await waitFor(() => sameHeads(repo.serverHeads.get(handle.documentId), want()), {
+  if (httpUrl) {
+    await waitFor(
+      async () => {
+        const res = await fetch(`${httpUrl}/${handle.documentId}`)
+        if (res.status !== 200) return false
+        return sameHeads(A.getHeads(A.load(new Uint8Array(await res.arrayBuffer()))), want())
+      },
+      { timeout, message: `GET /${handle.documentId} to serve the client's heads` },
+    )
+    return
+  }
+  await waitSyncAck(repo, handle, { timeout })
+}
+
+/** Wait until the server's sync messages report exactly the handle's current heads. */
+export async function waitSyncAck(repo, handle, { timeout = 10_000 } = {}) {
+  await waitFor(() => sameHeads(repo.serverHeads.get(handle.documentId), A.getHeads(handle.doc())), {
     timeout,
-    message: `server to acknowledge heads of ${handle.documentId}`,
+    message: () =>
+      `server's sync messages to acknowledge heads of ${handle.documentId} ` +
+      `(client has ${JSON.stringify(A.getHeads(handle.doc()))}, ` +
+      `server reported ${JSON.stringify(repo.serverHeads.get(handle.documentId))})`,
   })
 }
 
