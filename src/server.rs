@@ -10,8 +10,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ServeArgs, StoreKind};
 use crate::doc::Documents;
-use crate::repo::hub::Hub;
 use crate::http::{router, AppState, Limits};
+use crate::repo::hub::Hub;
 use crate::storage::{MemoryStore, SledStore, Store};
 
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,8 @@ mod etag;
 mod owner;
 mod peer;
 mod registry;
+#[cfg(test)]
+mod tests;
 
 pub use etag::{etag_for, parse_heads};
 pub use owner::{

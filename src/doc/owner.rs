@@ -118,7 +118,9 @@ pub enum Command {
         request: bool,
     },
     /// A repo connection closed: forget its sync state.
-    RepoDetach { conn: ConnId },
+    RepoDetach {
+        conn: ConnId,
+    },
 }
 
 /// One received repo sync message: (connection, message without its changes, was it a
@@ -841,7 +843,14 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
             Bytes::from(doc.save_after(&known))
         })
         .collect();
-    let outgoing = repo_exchange(&id, &mut doc, &mut repo_peers, repo, exists_before || changed, !new.is_empty());
+    let outgoing = repo_exchange(
+        &id,
+        &mut doc,
+        &mut repo_peers,
+        repo,
+        exists_before || changed,
+        !new.is_empty(),
+    );
     let snapshot = (want_snapshot && changed).then(|| {
         doc.save_with_options(SaveOptions {
             deflate: true,
@@ -914,18 +923,20 @@ fn repo_exchange(
         let Some(peer) = peers.get_mut(&conn) else {
             continue;
         };
-        let they_have_nothing = peer
-            .state
-            .their_heads
-            .as_ref()
-            .is_none_or(|h| h.is_empty());
+        let they_have_nothing = peer.state.their_heads.as_ref().is_none_or(|h| h.is_empty());
         if doc_empty && they_have_nothing {
             continue;
         }
         let generated = doc.generate_sync_message(&mut peer.state);
         tracing::debug!(doc = %id, conn, sent = generated.is_some(), "repo sync generated");
         if let Some(msg) = generated {
-            out.push((conn, Outgoing::Sync { doc: id.clone(), data: msg.encode() }));
+            out.push((
+                conn,
+                Outgoing::Sync {
+                    doc: id.clone(),
+                    data: msg.encode(),
+                },
+            ));
         }
     }
     out

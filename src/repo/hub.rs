@@ -37,7 +37,12 @@ impl Hub {
     pub fn joined(&self, peer_id: &str, conn: ConnId, close: CancellationToken) {
         if let Some((old, token)) = self.peers.insert(peer_id.to_owned(), (conn, close)) {
             if old != conn {
-                tracing::debug!(peer_id, old, conn, "peer reconnected; closing its old socket");
+                tracing::debug!(
+                    peer_id,
+                    old,
+                    conn,
+                    "peer reconnected; closing its old socket"
+                );
                 token.cancel();
             }
         }

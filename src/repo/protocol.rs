@@ -137,7 +137,12 @@ impl Connection {
         // (Clients re-forward relayed ephemerals under the original sender's id; those echoes
         // end here.)
         if sender.is_some_and(|s| s != peer) {
-            tracing::debug!(peer, ?sender, kind = msg.kind(), "dropping a message from another sender id");
+            tracing::debug!(
+                peer,
+                ?sender,
+                kind = msg.kind(),
+                "dropping a message from another sender id"
+            );
             return Vec::new();
         }
         match msg {
@@ -272,5 +277,288 @@ impl EphemeralFilter {
 
     pub fn is_empty(&self) -> bool {
         self.last.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::wire::RepoMessage;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/repo-protocol")
+            .join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn join(conn: &mut Connection, peer: &str) {
+        let frame = RepoMessage::Join {
+            sender_id: peer.into(),
+            peer_metadata: None,
+            supported_protocol_versions: Some(vec!["1".into()]),
+        }
+        .encode();
+        conn.receive(&frame);
+    }
+
+    fn sync_frame(sender: &str, doc: &str, data: Vec<u8>, request: bool) -> Vec<u8> {
+        let (sender_id, target_id, document_id) = (sender.into(), "server".into(), doc.into());
+        if request {
+            RepoMessage::Request {
+                sender_id,
+                target_id,
+                document_id,
+                data,
+            }
+        } else {
+            RepoMessage::Sync {
+                sender_id,
+                target_id,
+                document_id,
+                data,
+            }
+        }
+        .encode()
+    }
+
+    #[test]
+    fn a_real_join_is_answered_with_peer_at_once() {
+        let mut conn = Connection::new("server");
+        let actions = conn.receive(&fixture("captured-join-1.cbor"));
+        let RepoMessage::Join { sender_id, .. } =
+            RepoMessage::decode(&fixture("captured-join-1.cbor")).unwrap()
+        else {
+            unreachable!()
+        };
+        match &actions[..] {
+            [Action::Send(RepoMessage::Peer {
+                sender_id: server,
+                target_id,
+                selected_protocol_version,
+                ..
+            }), Action::Joined { peer_id }] => {
+                assert_eq!(server, "server");
+                assert_eq!(target_id, &sender_id);
+                assert_eq!(peer_id, &sender_id);
+                assert_eq!(selected_protocol_version, "1");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(conn.peer_id(), Some(sender_id.as_str()));
+    }
+
+    #[test]
+    fn join_without_versions_means_version_one() {
+        let mut conn = Connection::new("server");
+        let frame = RepoMessage::Join {
+            sender_id: "p".into(),
+            peer_metadata: None,
+            supported_protocol_versions: None,
+        }
+        .encode();
+        assert!(matches!(
+            conn.receive(&frame)[0],
+            Action::Send(RepoMessage::Peer { .. })
+        ));
+    }
+
+    #[test]
+    fn unsupported_version_gets_error_and_close() {
+        let mut conn = Connection::new("server");
+        let frame = RepoMessage::Join {
+            sender_id: "p".into(),
+            peer_metadata: None,
+            supported_protocol_versions: Some(vec!["2".into()]),
+        }
+        .encode();
+        let actions = conn.receive(&frame);
+        assert!(
+            matches!(&actions[0], Action::Send(RepoMessage::Error { message, .. }) if message.contains("unsupported"))
+        );
+        assert!(matches!(
+            actions[1],
+            Action::Close {
+                code: CLOSE_PROTOCOL,
+                ..
+            }
+        ));
+        assert_eq!(conn.peer_id(), None);
+    }
+
+    #[test]
+    fn messages_before_join_are_refused() {
+        let mut conn = Connection::new("server");
+        let actions = conn.receive(&fixture("captured-sync-1.cbor"));
+        assert!(matches!(
+            actions[0],
+            Action::Send(RepoMessage::Error { .. })
+        ));
+        assert!(matches!(actions[1], Action::Close { .. }));
+    }
+
+    #[test]
+    fn garbage_after_join_gets_an_error_and_keeps_the_connection() {
+        let mut conn = Connection::new("server");
+        join(&mut conn, "p");
+        let actions = conn.receive(b"\x00\x01 not cbor");
+        assert_eq!(actions.len(), 1);
+        assert!(matches!(
+            actions[0],
+            Action::Send(RepoMessage::Error { .. })
+        ));
+        // A sync whose data is not a sync message, and a bad document id.
+        let actions = conn.receive(&sync_frame(
+            "p",
+            "3jBnkqtmACWf3kw8Kh3pSCFE3zVc",
+            vec![1, 2, 3],
+            false,
+        ));
+        assert!(matches!(
+            actions[..],
+            [Action::Send(RepoMessage::Error { .. })]
+        ));
+        let actions = conn.receive(&sync_frame("p", "../etc", vec![0x42], false));
+        assert!(matches!(
+            actions[..],
+            [Action::Send(RepoMessage::Error { .. })]
+        ));
+    }
+
+    #[test]
+    fn sync_splits_out_the_changes() {
+        let mut conn = Connection::new("server");
+        let RepoMessage::Sync {
+            sender_id,
+            document_id,
+            data,
+            ..
+        } = RepoMessage::decode(&fixture("captured-sync-3.cbor")).unwrap()
+        else {
+            panic!("captured-sync-3 is a sync")
+        };
+        join(&mut conn, &sender_id);
+        let actions = conn.receive(&sync_frame(&sender_id, &document_id, data, false));
+        let [Action::Sync {
+            doc,
+            message,
+            changes,
+            request: false,
+        }] = &actions[..]
+        else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(doc.as_str(), document_id);
+        assert!(message.changes.is_empty());
+        assert!(
+            !changes.is_empty(),
+            "the captured upload carries a document"
+        );
+        let upload = crate::upload::parse_upload(changes.clone().into()).unwrap();
+        assert!(upload.change_count() > 0);
+    }
+
+    #[test]
+    fn request_and_ignored_types() {
+        let mut conn = Connection::new("server");
+        let RepoMessage::Request {
+            sender_id,
+            document_id,
+            data,
+            ..
+        } = RepoMessage::decode(&fixture("captured-request-2.cbor")).unwrap()
+        else {
+            panic!("captured-request-2 is a request")
+        };
+        join(&mut conn, &sender_id);
+        let actions = conn.receive(&sync_frame(&sender_id, &document_id, data, true));
+        assert!(matches!(actions[..], [Action::Sync { request: true, .. }]));
+        for name in [
+            "synthetic-leave.cbor",
+            "synthetic-remote-heads-changed.cbor",
+            "synthetic-remote-subscription-change.cbor",
+        ] {
+            let mut c = Connection::new("server");
+            let sender = match RepoMessage::decode(&fixture(name)).unwrap() {
+                RepoMessage::Ignored { sender_id, .. } => sender_id.unwrap_or_default(),
+                other => panic!("{name}: {other:?}"),
+            };
+            join(&mut c, &sender);
+            assert!(c.receive(&fixture(name)).is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn messages_from_another_sender_are_dropped() {
+        let mut conn = Connection::new("server");
+        join(&mut conn, "alice");
+        let frame = sync_frame("mallory", "3jBnkqtmACWf3kw8Kh3pSCFE3zVc", vec![0x42], false);
+        assert!(conn.receive(&frame).is_empty());
+    }
+
+    #[test]
+    fn ephemeral_is_relayed_and_retargeted() {
+        let mut conn = Connection::new("server");
+        let RepoMessage::Ephemeral {
+            sender_id,
+            session_id,
+            count,
+            data,
+            document_id,
+            ..
+        } = RepoMessage::decode(&fixture("captured-ephemeral-1.cbor")).unwrap()
+        else {
+            panic!("captured-ephemeral-1 is ephemeral")
+        };
+        join(&mut conn, &sender_id);
+        let actions = conn.receive(&fixture("captured-ephemeral-1.cbor"));
+        let [Action::Ephemeral { doc, .. }] = &actions[..] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(doc.as_str(), document_id);
+
+        // What another connection sends on: same sender, session, count and data; its own target.
+        let mut other = Connection::new("server");
+        join(&mut other, "bob");
+        let out = other
+            .outgoing(Outgoing::Ephemeral {
+                doc: doc.clone(),
+                sender_id: sender_id.clone(),
+                session_id: session_id.clone(),
+                count,
+                data: data.clone(),
+            })
+            .unwrap();
+        assert_eq!(
+            out,
+            RepoMessage::Ephemeral {
+                sender_id,
+                target_id: "bob".into(),
+                document_id,
+                session_id,
+                count,
+                data,
+            }
+        );
+    }
+
+    #[test]
+    fn ephemeral_filter_drops_repeats_and_forgets() {
+        let mut f = EphemeralFilter::default();
+        assert!(f.admit("a", "s", 1));
+        assert!(!f.admit("a", "s", 1), "echo of the same message");
+        assert!(!f.admit("a", "s", 0));
+        assert!(f.admit("a", "s", 2));
+        assert!(f.admit("a", "t", 1), "another session");
+        assert!(f.admit("b", "s", 1), "another sender");
+        f.forget("a");
+        assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn outgoing_needs_a_joined_peer() {
+        let conn = Connection::new("server");
+        let doc = DocId::parse("d").unwrap();
+        assert!(conn.outgoing(Outgoing::Unavailable { doc }).is_none());
     }
 }

@@ -60,7 +60,10 @@ pub enum RepoMessage {
         data: Vec<u8>,
     },
     /// Accepted and ignored: `remote-subscription-change`, `remote-heads-changed`, `leave`.
-    Ignored { kind: String, sender_id: Option<String> },
+    Ignored {
+        kind: String,
+        sender_id: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -429,10 +432,17 @@ mod tests {
 
     #[test]
     fn sync_data_is_a_real_sync_message() {
-        for name in ["captured-sync-1.cbor", "captured-sync-3.cbor", "captured-request-1.cbor"] {
-            let (RepoMessage::Sync { data, document_id, .. }
-            | RepoMessage::Request { data, document_id, .. }) =
-                RepoMessage::decode(&fixture(name)).unwrap()
+        for name in [
+            "captured-sync-1.cbor",
+            "captured-sync-3.cbor",
+            "captured-request-1.cbor",
+        ] {
+            let (RepoMessage::Sync {
+                data, document_id, ..
+            }
+            | RepoMessage::Request {
+                data, document_id, ..
+            }) = RepoMessage::decode(&fixture(name)).unwrap()
             else {
                 panic!("{name}")
             };
