@@ -176,7 +176,7 @@ async fn request_for_an_unknown_document_is_unavailable_then_served_when_it_appe
         .unwrap();
     b.sync_with(&docs, &id).await;
     assert_eq!(
-        b.doc.get(ROOT, "late").unwrap().map(|(v, _)| v.to_i64()),
+        b.doc.get(ROOT, "late").unwrap().map(|(v, _)| v.as_i64()),
         Some(Some(1))
     );
 }
@@ -204,6 +204,6 @@ async fn changes_from_one_peer_reach_the_others() {
         .unwrap();
     a.sync_with(&docs, &id).await;
     assert_eq!(a.doc.get_heads(), b.doc.get_heads());
-    let v = a.doc.get(ROOT, "n").unwrap().map(|(v, _)| v.to_i64());
+    let v = a.doc.get(ROOT, "n").unwrap().map(|(v, _)| v.as_i64());
     assert_eq!(v, Some(Some(2)));
 }
