@@ -1,0 +1,225 @@
+//! Merge benchmark (issue: core). Run: `cargo bench --bench merge` (release build).
+//!
+//! (a) the in-process floor: `apply_changes` of one small change into a 20k-change map-shaped
+//!     and list-shaped document;
+//! (b) the relay's p50 latency for an HTTP POST of that one change (incremental bytes) and of a
+//!     full save of the same document;
+//! (c) 32 concurrent writers posting full saves of a small document: changes merged per second
+//!     and the average batch size (from `/_/stats`).
+//! Ratios are against (a), measured in the same run.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, Automerge, Change, ObjType, ReadDoc, ROOT};
+
+const HISTORY: usize = 20_000;
+const SAMPLES: usize = 200;
+
+fn map_doc() -> AutoCommit {
+    let mut doc = AutoCommit::new();
+    for i in 0..HISTORY {
+        doc.put(ROOT, format!("key{i}"), i as i64).unwrap();
+        doc.commit();
+    }
+    doc
+}
+
+fn list_doc() -> AutoCommit {
+    let mut doc = AutoCommit::new();
+    let list = doc.put_object(ROOT, "items", ObjType::List).unwrap();
+    doc.commit();
+    for i in 0..HISTORY {
+        doc.insert(&list, i, format!("item {i}")).unwrap();
+        doc.commit();
+    }
+    doc
+}
+
+/// One small change on top of `doc` (a map put or a list insert in the middle).
+fn small_change(doc: &mut AutoCommit, i: usize) {
+    match doc.get(ROOT, "items").unwrap() {
+        Some((_, list)) => {
+            let len = doc.length(&list);
+            doc.insert(&list, len / 2, format!("new {i}")).unwrap();
+        }
+        None => {
+            doc.put(ROOT, format!("new{i}"), i as i64).unwrap();
+        }
+    }
+    doc.commit();
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[idx]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// (a): apply one change at a time into a server-side copy.
+fn floor(base: &AutoCommit) -> Duration {
+    let mut server: Automerge = Automerge::load(&base.clone().save()).unwrap();
+    let mut client = base.clone();
+    let mut samples = Vec::with_capacity(SAMPLES);
+    for i in 0..SAMPLES {
+        small_change(&mut client, i);
+        let change: Change = client.get_last_local_change().unwrap().clone();
+        let t = Instant::now();
+        server.apply_changes([change]).unwrap();
+        samples.push(t.elapsed());
+    }
+    percentile(&mut samples, 0.5)
+}
+
+struct Relay {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_relay() -> Relay {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start relay");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    Relay {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+async fn post(c: &reqwest::Client, url: &str, body: Vec<u8>) -> serde_json::Value {
+    let r = c.post(url).body(body).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    r.json().await.unwrap()
+}
+
+/// (b): POST latency of one change, as incremental bytes and as a full save.
+async fn relay_latency(c: &reqwest::Client, port: u16, name: &str, base: &AutoCommit) -> (Duration, Duration) {
+    let url = format!("http://127.0.0.1:{port}/{name}");
+    let mut doc = base.clone();
+    post(c, &url, doc.save()).await;
+    let mut inc = Vec::with_capacity(SAMPLES);
+    for i in 0..SAMPLES {
+        let heads = doc.get_heads();
+        small_change(&mut doc, i);
+        let body = doc.save_after(&heads);
+        let t = Instant::now();
+        post(c, &url, body).await;
+        inc.push(t.elapsed());
+    }
+    let mut full = Vec::with_capacity(SAMPLES / 4);
+    for i in 0..SAMPLES / 4 {
+        small_change(&mut doc, SAMPLES + i);
+        let body = doc.save();
+        let t = Instant::now();
+        post(c, &url, body).await;
+        full.push(t.elapsed());
+    }
+    (percentile(&mut inc, 0.5), percentile(&mut full, 0.5))
+}
+
+async fn stats(c: &reqwest::Client, port: u16) -> serde_json::Value {
+    c.get(format!("http://127.0.0.1:{port}/_/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// (c): 32 writers posting full saves of a small document for `secs` seconds.
+async fn concurrent_writers(c: &reqwest::Client, port: u16, secs: u64) -> (f64, f64) {
+    let url = format!("http://127.0.0.1:{port}/contended");
+    let mut base = AutoCommit::new();
+    let list = base.put_object(ROOT, "items", ObjType::List).unwrap();
+    base.insert(&list, 0, "base").unwrap();
+    base.commit();
+    post(c, &url, base.save()).await;
+    let before = stats(c, port).await;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let (c, url) = (c.clone(), url.clone());
+        let mut doc = base.fork();
+        tasks.push(tokio::spawn(async move {
+            let mut applied = 0u64;
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let len = doc.length(&list);
+                doc.insert(&list, len, format!("w{w}-{i}")).unwrap();
+                doc.commit();
+                i += 1;
+                let v = post(&c, &url, doc.save()).await;
+                applied += v["applied"].as_u64().unwrap();
+            }
+            applied
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = stats(c, port).await;
+    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let avg_batch = d("batched_writes") as f64 / d("batches").max(1) as f64;
+    (applied as f64 / elapsed, avg_batch)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo bench -- --list` / `cargo test --benches` compatibility: nothing to list.
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("building {HISTORY}-change documents…");
+    let docs = [("map", map_doc()), ("list", list_doc())];
+    let relay = start_relay();
+    let c = reqwest::Client::new();
+    println!("\n(a) in-process floor vs (b) relay HTTP POST, p50 of {SAMPLES} samples");
+    println!("{:<6} {:>12} {:>16} {:>8} {:>16}", "doc", "(a) apply", "(b) POST incr.", "ratio", "(b) POST full");
+    for (name, doc) in &docs {
+        let a = floor(doc);
+        let (inc, full) = rt.block_on(relay_latency(&c, relay.port, name, doc));
+        println!(
+            "{:<6} {:>10.3}ms {:>14.3}ms {:>7.2}x {:>14.3}ms",
+            name,
+            ms(a),
+            ms(inc),
+            ms(inc) / ms(a),
+            ms(full)
+        );
+    }
+    let (rate, batch) = rt.block_on(concurrent_writers(&c, relay.port, 10));
+    println!("\n(c) 32 concurrent writers, full saves of a small document, 10 s");
+    println!("changes merged/s: {rate:.0}   average batch size: {batch:.1} writes");
+}
