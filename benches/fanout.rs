@@ -1,1 +1,3 @@
-fn main() { eprintln!("not written yet"); }
+fn main() {
+    eprintln!("not written yet");
+}

@@ -118,7 +118,12 @@ async fn post(c: &reqwest::Client, url: &str, body: Vec<u8>) -> serde_json::Valu
 }
 
 /// (b): POST latency of one change, as incremental bytes and as a full save.
-async fn relay_latency(c: &reqwest::Client, port: u16, name: &str, base: &AutoCommit) -> (Duration, Duration) {
+async fn relay_latency(
+    c: &reqwest::Client,
+    port: u16,
+    name: &str,
+    base: &AutoCommit,
+) -> (Duration, Duration) {
     let url = format!("http://127.0.0.1:{port}/{name}");
     let mut doc = base.clone();
     post(c, &url, doc.save()).await;
@@ -206,7 +211,10 @@ fn main() {
     let relay = start_relay();
     let c = reqwest::Client::new();
     println!("\n(a) in-process floor vs (b) relay HTTP POST, p50 of {SAMPLES} samples");
-    println!("{:<6} {:>12} {:>16} {:>8} {:>16}", "doc", "(a) apply", "(b) POST incr.", "ratio", "(b) POST full");
+    println!(
+        "{:<6} {:>12} {:>16} {:>8} {:>16}",
+        "doc", "(a) apply", "(b) POST incr.", "ratio", "(b) POST full"
+    );
     for (name, doc) in &docs {
         let a = floor(doc);
         let (inc, full) = rt.block_on(relay_latency(&c, relay.port, name, doc));

@@ -115,3 +115,40 @@ impl Follower {
         }
     }
 }
+
+/// Close code for a live client the server stopped serving because it fell behind or stopped
+/// answering pings: "fell behind; reconnect to resync".
+pub const CLOSE_FELL_BEHIND: u16 = 4008;
+
+/// Dead-peer detection shared by the live sockets: ping every interval; a peer that has sent
+/// nothing (not even a pong) for two intervals is closed with [`CLOSE_FELL_BEHIND`].
+pub struct Keepalive {
+    every: std::time::Duration,
+    last_seen: std::time::Instant,
+}
+
+impl Keepalive {
+    pub fn new(every: std::time::Duration) -> Self {
+        Self {
+            every,
+            last_seen: std::time::Instant::now(),
+        }
+    }
+
+    /// The ping timer; its first tick is one interval from now.
+    pub fn timer(&self) -> tokio::time::Interval {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + self.every, self.every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    }
+
+    /// Call on every frame received from the peer.
+    pub fn seen(&mut self) {
+        self.last_seen = std::time::Instant::now();
+    }
+
+    /// True when the peer has been silent too long.
+    pub fn expired(&self) -> bool {
+        self.last_seen.elapsed() > self.every * 2 + std::time::Duration::from_millis(500)
+    }
+}

@@ -8,7 +8,7 @@
 //! exactly like a PUT. Uploads are pipelined (several in flight, acknowledged in order) so one
 //! busy client batches well in the document owner.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -20,7 +20,7 @@ use crate::doc::{Documents, Precondition};
 use crate::error::RelayError;
 use crate::http::{validate, AppState};
 use crate::id::DocId;
-use crate::live::{Delivery, Follower};
+use crate::live::{Delivery, Follower, Keepalive, CLOSE_FELL_BEHIND};
 
 /// Close code sent when the document is deleted.
 pub const CLOSE_DELETED: u16 = 4404;
@@ -100,14 +100,14 @@ async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum
     let conn = follower.conn();
     let mut in_flight = FuturesOrdered::new();
     let ping_every = state.limits.ping_interval;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    let mut last_seen = Instant::now();
+    let mut keepalive = Keepalive::new(ping_every);
+    let mut ping = keepalive.timer();
     let shutdown = state.shutdown.clone();
     let mut following = true;
     loop {
         tokio::select! {
             msg = stream.next(), if in_flight.len() < MAX_IN_FLIGHT => {
-                last_seen = Instant::now();
+                keepalive.seen();
                 match msg {
                     Some(Ok(Message::Binary(data))) => {
                         in_flight.push_back(write_one(state.docs.clone(), id.clone(), conn, data));
@@ -151,8 +151,10 @@ async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum
                 }
             }
             _ = ping.tick() => {
-                if last_seen.elapsed() > ping_every * 2 + Duration::from_millis(500) {
-                    tracing::debug!(doc = %id, "dropping a socket that stopped answering pings");
+                if keepalive.expired() {
+                    tracing::debug!(doc = %id, "closing a socket that stopped answering pings");
+                    let closing = sink.send(close(CLOSE_FELL_BEHIND, "no answer to pings; reconnect to resync"));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
                     return Ok(());
                 }
                 sink.send(Message::Ping(bytes::Bytes::new())).await?;

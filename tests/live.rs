@@ -440,3 +440,53 @@ async fn sse_reports_heads_of_each_change() {
     assert_eq!(json_heads(&data), json_heads(&reply));
     assert_eq!(json_heads(&data), heads_hex(&mut doc));
 }
+
+/// A client that never answers pings: read raw frames (a WebSocket library would answer them).
+#[tokio::test]
+async fn a_peer_that_ignores_pings_is_closed_with_4008() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--ping-secs", "1"]);
+    let mut tcp = TcpStream::connect(("127.0.0.1", relay.port)).await.unwrap();
+    tcp.write_all(
+        b"GET /quiet HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let code = tokio::time::timeout(DEADLINE, async {
+        let mut pings = 0;
+        loop {
+            let mut chunk = [0u8; 1024];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection ended without a close frame");
+            buf.extend_from_slice(&chunk[..n]);
+            // Skip the HTTP response, then parse frames.
+            let Some(start) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            assert!(buf.starts_with(b"HTTP/1.1 101"));
+            let mut frames = &buf[start + 4..];
+            while frames.len() >= 2 {
+                let (opcode, len) = (frames[0] & 0x0f, (frames[1] & 0x7f) as usize);
+                if frames.len() < 2 + len {
+                    break;
+                }
+                let payload = &frames[2..2 + len];
+                match opcode {
+                    0x9 => pings += 1,
+                    0x8 => {
+                        assert!(pings >= 1, "closed before pinging");
+                        return u16::from_be_bytes([payload[0], payload[1]]);
+                    }
+                    _ => {}
+                }
+                frames = &frames[2 + len..];
+            }
+        }
+    })
+    .await
+    .expect("the silent peer was never closed");
+    assert_eq!(code, 4008);
+}

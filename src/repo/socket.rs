@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -23,9 +23,8 @@ use super::wire::RepoMessage;
 use crate::doc::{Documents, PeerLink};
 use crate::http::{validate, AppState};
 use crate::id::DocId;
+use crate::live::{Keepalive, CLOSE_FELL_BEHIND};
 
-/// Close code for a peer that fell behind its outbound queue.
-pub const CLOSE_FELL_BEHIND: u16 = 4008;
 /// Messages that may wait for one repo peer.
 const OUTBOUND_QUEUE: usize = 4096;
 
@@ -67,15 +66,15 @@ async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
     let mut synced: HashSet<DocId> = HashSet::new();
     let (mut sink, mut stream) = socket.split();
     let ping_every = state.limits.ping_interval;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    let mut last_seen = Instant::now();
+    let mut keepalive = Keepalive::new(ping_every);
+    let mut ping = keepalive.timer();
     let shutdown = state.shutdown.clone();
 
     let result: Result<(), axum::Error> = async {
         loop {
             tokio::select! {
                 frame = stream.next() => {
-                    last_seen = Instant::now();
+                    keepalive.seen();
                     let actions = match frame {
                         Some(Ok(Message::Binary(bytes))) => core.receive(&bytes),
                         Some(Ok(Message::Text(_))) => core.receive(&[]),
@@ -133,8 +132,10 @@ async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
                     }
                 }
                 _ = ping.tick() => {
-                    if last_seen.elapsed() > ping_every * 2 + Duration::from_millis(500) {
-                        tracing::debug!(peer = ?core.peer_id(), "dropping a repo peer that stopped answering pings");
+                    if keepalive.expired() {
+                        tracing::debug!(peer = ?core.peer_id(), "closing a repo peer that stopped answering pings");
+                        let closing = sink.send(close(CLOSE_FELL_BEHIND, "no answer to pings; reconnect to resync".into()));
+                        let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
                         return Ok(());
                     }
                     sink.send(Message::Ping(bytes::Bytes::new())).await?;
