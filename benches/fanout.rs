@@ -1,3 +1,210 @@
+//! Fan-out benchmark (issue: live push). Run: `cargo bench --bench fanout`.
+//!
+//! One writer posts 20 changes/s for 10 s over HTTP to a document with 1,000 per-document
+//! WebSocket subscribers. For every write, latency = receipt at a subscriber − the writer's
+//! acknowledgement (the server pushes right after it acknowledges, so this is the fan-out time).
+//! Also the server's RSS: idle per-subscriber cost and during the run.
+//! Options: `--subscribers N`, `--rate R`, `--seconds S`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, Change, ChangeHash, ObjType, ROOT};
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Relay {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_relay() -> Relay {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start relay");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    Relay {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+fn hashes(bytes: &[u8]) -> Vec<ChangeHash> {
+    automerge_relay::upload::split_chunks(bytes)
+        .map(|chunks| {
+            chunks
+                .into_iter()
+                .filter_map(|(_, c)| Change::try_from(c).ok().map(|c| c.hash()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
 fn main() {
-    eprintln!("not written yet");
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let subscribers = arg("--subscribers", 1000) as usize;
+    let rate = arg("--rate", 20);
+    let seconds = arg("--seconds", 10);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let relay = start_relay();
+    let pid = relay.child.id();
+    let port = relay.port;
+    rt.block_on(async move {
+        let c = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/fanout");
+        let mut doc = AutoCommit::new();
+        let list = doc.put_object(ROOT, "items", ObjType::List).unwrap();
+        doc.insert(&list, 0, "base").unwrap();
+        doc.commit();
+        c.post(&url).body(doc.save()).send().await.unwrap();
+
+        let rss_before = rss_kib(pid);
+        let received: Arc<Mutex<Vec<(ChangeHash, Instant)>>> = Arc::default();
+        let mut readers = Vec::new();
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(subscribers);
+        for _ in 0..subscribers {
+            let (mut ws, _) =
+                tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/fanout"))
+                    .await
+                    .expect("connect");
+            let received = received.clone();
+            let ready = ready_tx.clone();
+            readers.push(tokio::spawn(async move {
+                let mut first = true;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Binary(bytes) = msg {
+                        let now = Instant::now();
+                        if first {
+                            first = false;
+                            let _ = ready.send(()).await;
+                            continue;
+                        }
+                        let mut r = received.lock().unwrap();
+                        for h in hashes(&bytes) {
+                            r.push((h, now));
+                        }
+                    }
+                }
+            }));
+        }
+        for _ in 0..subscribers {
+            ready_rx.recv().await.unwrap();
+        }
+        let rss_idle = rss_kib(pid);
+        println!(
+            "{subscribers} idle subscribers: server RSS {} KiB -> {} KiB, {:.1} KiB per subscriber",
+            rss_before,
+            rss_idle,
+            (rss_idle.saturating_sub(rss_before)) as f64 / subscribers as f64
+        );
+
+        let mut acked: HashMap<ChangeHash, Instant> = HashMap::new();
+        let writes = rate * seconds;
+        let mut tick = tokio::time::interval(Duration::from_millis(1000 / rate));
+        let mut peak_rss = rss_idle;
+        for i in 0..writes {
+            tick.tick().await;
+            let heads = doc.get_heads();
+            let len = automerge::ReadDoc::length(&doc, &list);
+            doc.insert(&list, len, format!("write {i}")).unwrap();
+            doc.commit();
+            let hash = doc.get_last_local_change().unwrap().hash();
+            let r = c
+                .post(&url)
+                .body(doc.save_after(&heads))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+            acked.insert(hash, Instant::now());
+            peak_rss = peak_rss.max(rss_kib(pid));
+        }
+        // Wait (bounded) for every subscriber to receive every write.
+        let expected = writes as usize * subscribers;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while received.lock().unwrap().len() < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let got = received.lock().unwrap().clone();
+        let mut lat: Vec<f64> = got
+            .iter()
+            .filter_map(|(h, at)| {
+                acked.get(h).map(|ack| {
+                    if at >= ack {
+                        at.duration_since(*ack).as_secs_f64() * 1000.0
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "{writes} writes x {subscribers} subscribers: {} of {expected} deliveries",
+            got.len()
+        );
+        println!(
+            "ack -> subscriber latency: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            pct(&lat, 1.0)
+        );
+        println!("server RSS peak during the run: {peak_rss} KiB");
+        for r in readers {
+            r.abort();
+        }
+    });
 }

@@ -170,7 +170,7 @@ async fn concurrent_writers(c: &reqwest::Client, port: u16, secs: u64) -> (f64, 
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..32 {
-        let (c, url) = (c.clone(), url.clone());
+        let (c, url, list) = (c.clone(), url.clone(), list.clone());
         let mut doc = base.fork();
         tasks.push(tokio::spawn(async move {
             let mut applied = 0u64;
