@@ -90,6 +90,14 @@ impl IntoResponse for RelayError {
         } else {
             tracing::debug!(error = %self, "request rejected");
         }
-        (self.status(), Json(self.body())).into_response()
+        let mut resp = (self.status(), Json(self.body())).into_response();
+        if matches!(self, RelayError::TooLarge { .. }) {
+            // The rest of the body was not read, so this connection cannot carry another request.
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        resp
     }
 }

@@ -28,7 +28,7 @@ use tower_http::trace::TraceLayer;
 use crate::doc::{parse_heads, Documents, Precondition, ReadOutcome, WriteOutcome};
 use crate::error::RelayError;
 use crate::id::DocId;
-use crate::upload::{parse_upload, Upload};
+use crate::upload::{parse_upload_with, Upload};
 
 /// Shared state of every route.
 #[derive(Clone)]
@@ -246,9 +246,11 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     }
 }
 
-/// Validates an upload off the async workers (parsing a large save is CPU work).
-pub async fn validate(bytes: Bytes) -> Result<Upload, RelayError> {
-    tokio::task::spawn_blocking(move || parse_upload(bytes))
+/// Validates an upload for document `id` off the async workers (parsing a large save is CPU
+/// work), using the owner's latest hint so the owner only applies what may be new.
+pub async fn validate(docs: &Documents, id: &DocId, bytes: Bytes) -> Result<Upload, RelayError> {
+    let hint = docs.hint(id);
+    tokio::task::spawn_blocking(move || parse_upload_with(bytes, hint.as_ref()))
         .await
         .map_err(|e| RelayError::Internal(format!("validation task failed: {e}")))?
 }
@@ -291,9 +293,10 @@ async fn put_doc(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, RelayError> {
-    let id = doc_id(path)?;
+    // Read the body first (bounded), so an error answer leaves the connection reusable.
     let bytes = read_body(&headers, body, state.limits.max_body).await?;
-    let upload = validate(bytes).await?;
+    let id = doc_id(path)?;
+    let upload = validate(&state.docs, &id, bytes).await?;
     let outcome = state
         .docs
         .write(&id, upload, precondition(&headers), None)

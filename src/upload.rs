@@ -21,6 +21,15 @@ const CHUNK_CHANGE: u8 = 1;
 const CHUNK_COMPRESSED_CHANGE: u8 = 2;
 const CHUNK_BUNDLE: u8 = 3;
 
+/// What a document owner last published about its document: validation uses it to work out
+/// which changes of a full save can be new to the server, so the owner applies only those.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hint {
+    /// Changes whenever the document's history may have shrunk (delete, reload).
+    pub epoch: u64,
+    pub heads: Vec<ChangeHash>,
+}
+
 /// A validated upload, ready for the document owner.
 #[derive(Debug, Clone)]
 pub struct Upload {
@@ -30,6 +39,12 @@ pub struct Upload {
     pub doc_hashes: Vec<ChangeHash>,
     /// Changes that came as change chunks; these may wait for missing dependencies.
     pub changes: Vec<Change>,
+    /// True when the upload holds document chunks (full saves).
+    pub has_doc_chunks: bool,
+    /// For document chunks, validated against a [`Hint`]: the changes not reachable from the
+    /// hint's heads (a superset of what is new to the server, usually one or two changes),
+    /// with the hint's epoch. `None` when there was no hint.
+    pub doc_delta: Option<(u64, Vec<Change>)>,
 }
 
 impl Upload {
@@ -100,11 +115,18 @@ fn load_chunk(chunk: &[u8]) -> Result<Option<Automerge>, RelayError> {
 /// Parses and strictly validates an upload. CPU-bound: call it from a blocking thread for
 /// large bodies.
 pub fn parse_upload(bytes: Bytes) -> Result<Upload, RelayError> {
+    parse_upload_with(bytes, None)
+}
+
+/// [`parse_upload`], also computing the document-chunk delta against `hint`.
+pub fn parse_upload_with(bytes: Bytes, hint: Option<&Hint>) -> Result<Upload, RelayError> {
     if bytes.is_empty() {
         return Err(RelayError::EmptyBody);
     }
     let mut doc_hashes = Vec::new();
     let mut changes = Vec::new();
+    let mut has_doc_chunks = false;
+    let mut delta = Vec::new();
     for (kind, chunk) in split_chunks(&bytes)? {
         match kind {
             CHUNK_DOCUMENT => {
@@ -112,6 +134,17 @@ pub fn parse_upload(bytes: Bytes) -> Result<Upload, RelayError> {
                     RelayError::InvalidBody("document chunk with missing dependencies".into())
                 })?;
                 doc_hashes.extend(doc.get_changes_meta(&[]).into_iter().map(|m| m.hash));
+                has_doc_chunks = true;
+                if let Some(hint) = hint {
+                    // Everything reachable from heads the server has is known to it.
+                    let known: Vec<ChangeHash> = hint
+                        .heads
+                        .iter()
+                        .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+                        .copied()
+                        .collect();
+                    delta.extend(doc.get_changes(&known));
+                }
             }
             CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
                 load_chunk(chunk)?;
@@ -142,6 +175,8 @@ pub fn parse_upload(bytes: Bytes) -> Result<Upload, RelayError> {
         bytes,
         doc_hashes,
         changes,
+        has_doc_chunks,
+        doc_delta: hint.map(|h| (h.epoch, delta)),
     })
 }
 
@@ -166,6 +201,33 @@ mod tests {
         let up = parse_upload(Bytes::from(doc.save())).unwrap();
         assert_eq!(up.doc_hashes.len(), 3);
         assert!(up.changes.is_empty());
+    }
+
+    #[test]
+    fn full_save_delta_against_a_hint_holds_only_unknown_changes() {
+        let mut doc = doc_with(5);
+        let server_heads = doc.get_heads();
+        doc.put(ROOT, "new", 1).unwrap();
+        doc.commit();
+        let new_hash = doc.get_heads()[0];
+        let hint = Hint {
+            epoch: 7,
+            heads: server_heads,
+        };
+        let up = parse_upload_with(Bytes::from(doc.save()), Some(&hint)).unwrap();
+        let (epoch, delta) = up.doc_delta.unwrap();
+        assert_eq!(epoch, 7);
+        assert_eq!(
+            delta.iter().map(|c| c.hash()).collect::<Vec<_>>(),
+            vec![new_hash]
+        );
+        // Heads the upload does not know are ignored: everything is a candidate.
+        let foreign = Hint {
+            epoch: 1,
+            heads: vec![ChangeHash([3; 32])],
+        };
+        let up = parse_upload_with(Bytes::from(doc.save()), Some(&foreign)).unwrap();
+        assert_eq!(up.doc_delta.unwrap().1.len(), 6);
     }
 
     #[test]

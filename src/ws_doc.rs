@@ -72,7 +72,7 @@ async fn write_one(
     conn: u64,
     data: bytes::Bytes,
 ) -> Result<serde_json::Value, RelayError> {
-    let upload = validate(data).await?;
+    let upload = validate(&docs, &id, data).await?;
     let outcome = docs
         .write(&id, upload, Precondition::None, Some(conn))
         .await?;

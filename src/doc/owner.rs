@@ -18,7 +18,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash, SaveOptions};
 use bytes::Bytes;
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::etag::etag_for;
@@ -28,7 +28,7 @@ use super::ConnId;
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::storage::{ChunkKey, ChunkKind, StoreError};
-use crate::upload::Upload;
+use crate::upload::{Hint, Upload};
 
 /// Most commands one turn of the owner takes from its queue.
 const MAX_BATCH: usize = 512;
@@ -145,6 +145,8 @@ pub(super) struct Owner {
     id: DocId,
     generation: u64,
     inner: Arc<Inner>,
+    /// Heads + epoch, published after every durable change for validation to use.
+    hint: watch::Sender<Hint>,
     rx: mpsc::Receiver<Command>,
     doc: Automerge,
     exists: bool,
@@ -197,11 +199,13 @@ impl Owner {
         generation: u64,
         inner: Arc<Inner>,
         rx: mpsc::Receiver<Command>,
+        hint: watch::Sender<Hint>,
     ) -> Self {
         Self {
             id,
             generation,
             inner,
+            hint,
             rx,
             doc: Automerge::new(),
             exists: false,
@@ -275,6 +279,7 @@ impl Owner {
                         self.doc = doc;
                         self.cached_save = None;
                         self.load_error = None;
+                        self.publish(true);
                         if self.exists {
                             self.inner.stats.loaded();
                         }
@@ -285,6 +290,22 @@ impl Owner {
             }
             Err(e) => self.fail_load(e.to_string()),
         }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.hint.borrow().epoch
+    }
+
+    /// Publishes the current heads; `new_epoch` when history may have shrunk (delete, reload),
+    /// which invalidates deltas computed against older hints.
+    fn publish(&self, new_epoch: bool) {
+        let epoch = if new_epoch {
+            self.inner.next_epoch()
+        } else {
+            self.epoch()
+        };
+        let heads = self.doc.get_heads();
+        self.hint.send_replace(Hint { epoch, heads });
     }
 
     fn fail_load(&mut self, msg: String) {
@@ -371,10 +392,12 @@ impl Owner {
         let stored_pending = mem::take(&mut self.stored_pending);
         let repo_peers = mem::take(&mut self.repo_peers);
         let id = self.id.clone();
+        let epoch = self.epoch();
         let started = std::time::Instant::now();
         let work = tokio::task::spawn_blocking(move || {
             let applied = apply_segment(SegmentInput {
                 id,
+                epoch,
                 doc,
                 exists_before,
                 jobs,
@@ -446,6 +469,9 @@ impl Owner {
             }
         }
         self.cached_save = full_save.clone();
+        if push.is_some() {
+            self.publish(false);
+        }
         let accepted = results.iter().filter(|r| r.is_ok()).count();
         self.inner.stats.batch(accepted, apply_time);
 
@@ -545,6 +571,7 @@ impl Owner {
         self.chunks.clear();
         self.stored_pending.clear();
         self.cached_save = None;
+        self.publish(true);
         self.push(DocEvent::Deleted);
         // Dropping the senders ends every subscription after its queued events.
         self.subscribers.clear();
@@ -650,6 +677,7 @@ struct WriteJob {
 
 struct SegmentInput<'a> {
     id: DocId,
+    epoch: u64,
     doc: Automerge,
     exists_before: bool,
     jobs: Vec<WriteJob>,
@@ -668,6 +696,7 @@ struct SegmentInput<'a> {
 fn apply_segment(input: SegmentInput<'_>) -> Applied {
     let SegmentInput {
         id,
+        epoch,
         mut doc,
         exists_before,
         jobs,
@@ -681,37 +710,18 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
     } = input;
     let old_heads = doc.get_heads();
     let mut outcomes: Vec<Option<RelayError>> = Vec::with_capacity(jobs.len());
-    let mut group: Vec<u8> = Vec::new();
-    let mut group_members: Vec<usize> = Vec::new();
+    let mut group = Group::default();
     let mut accepted_any = false;
-
-    let flush = |doc: &mut Automerge,
-                 group: &mut Vec<u8>,
-                 members: &mut Vec<usize>,
-                 outcomes: &mut Vec<Option<RelayError>>| {
-        if group.is_empty() {
-            return;
-        }
-        if let Err(e) = doc.load_incremental(group) {
-            let err = RelayError::InvalidBody(format!("merge failed: {e}"));
-            for &m in members.iter() {
-                outcomes[m] = Some(err.clone());
-            }
-        }
-        group.clear();
-        members.clear();
-    };
 
     for (i, job) in jobs.iter().enumerate() {
         outcomes.push(None);
         match &job.precondition {
             Precondition::None => {
-                group.extend_from_slice(&job.upload.bytes);
-                group_members.push(i);
+                group.add(i, &job.upload, epoch);
                 accepted_any = true;
             }
             cond => {
-                flush(&mut doc, &mut group, &mut group_members, &mut outcomes);
+                group.flush(&mut doc, &mut outcomes);
                 let exists_now = exists_before || accepted_any;
                 let current = etag_for(&doc.get_heads());
                 let ok = match cond {
@@ -722,9 +732,8 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
                     Precondition::None => true,
                 };
                 if ok {
-                    group.extend_from_slice(&job.upload.bytes);
-                    group_members.push(i);
-                    flush(&mut doc, &mut group, &mut group_members, &mut outcomes);
+                    group.add(i, &job.upload, epoch);
+                    group.flush(&mut doc, &mut outcomes);
                     accepted_any = true;
                 } else {
                     outcomes[i] = Some(RelayError::PreconditionFailed);
@@ -732,7 +741,7 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
             }
         }
     }
-    flush(&mut doc, &mut group, &mut group_members, &mut outcomes);
+    group.flush(&mut doc, &mut outcomes);
 
     let heads = doc.get_heads();
     let new: HashSet<ChangeHash> = if heads == old_heads {
@@ -869,6 +878,49 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
         snapshot,
         repo_peers,
         outgoing,
+    }
+}
+
+/// Uploads merged together: parsed changes go through one `apply_changes`, uploads that
+/// still need parsing (full saves validated without a current hint) through one
+/// `load_incremental`.
+#[derive(Default)]
+struct Group {
+    changes: Vec<automerge::Change>,
+    bytes: Vec<u8>,
+    members: Vec<usize>,
+}
+
+impl Group {
+    fn add(&mut self, member: usize, upload: &Upload, epoch: u64) {
+        self.members.push(member);
+        match &upload.doc_delta {
+            _ if !upload.has_doc_chunks => self.changes.extend(upload.changes.iter().cloned()),
+            Some((e, delta)) if *e == epoch => {
+                self.changes.extend(delta.iter().cloned());
+                self.changes.extend(upload.changes.iter().cloned());
+            }
+            _ => self.bytes.extend_from_slice(&upload.bytes),
+        }
+    }
+
+    fn flush(&mut self, doc: &mut Automerge, outcomes: &mut [Option<RelayError>]) {
+        let changes = mem::take(&mut self.changes);
+        let mut result = Ok(());
+        if !changes.is_empty() {
+            result = doc.apply_changes(changes);
+        }
+        if result.is_ok() && !self.bytes.is_empty() {
+            result = doc.load_incremental(&self.bytes).map(|_| ());
+        }
+        if let Err(e) = result {
+            let err = RelayError::InvalidBody(format!("merge failed: {e}"));
+            for &m in &self.members {
+                outcomes[m] = Some(err.clone());
+            }
+        }
+        self.bytes.clear();
+        self.members.clear();
     }
 }
 

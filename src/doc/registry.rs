@@ -12,14 +12,14 @@ use std::time::Duration;
 use automerge::ChangeHash;
 use dashmap::DashMap;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::owner::{Command, Owner, ReadOutcome, Subscription, WriteOutcome, WriteRequest};
 use super::{ConnId, PeerLink};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::storage::Store;
-use crate::upload::Upload;
+use crate::upload::{Hint, Upload};
 
 /// Commands that may wait in one owner's queue before senders wait.
 const OWNER_QUEUE: usize = 4096;
@@ -37,6 +37,7 @@ pub enum Precondition {
 struct OwnerHandle {
     generation: u64,
     tx: mpsc::Sender<Command>,
+    hint: watch::Receiver<Hint>,
 }
 
 /// Counters for benchmarks and operators.
@@ -109,9 +110,17 @@ impl Inner {
             .or_insert_with(|| {
                 let generation = self.generations.fetch_add(1, Ordering::Relaxed);
                 let (tx, rx) = mpsc::channel(OWNER_QUEUE);
-                let owner = Owner::new(id.clone(), generation, self.clone(), rx);
+                let (hint_tx, hint) = watch::channel(Hint {
+                    epoch: self.next_epoch(),
+                    heads: Vec::new(),
+                });
+                let owner = Owner::new(id.clone(), generation, self.clone(), rx, hint_tx);
                 tokio::spawn(owner.run());
-                OwnerHandle { generation, tx }
+                OwnerHandle {
+                    generation,
+                    tx,
+                    hint,
+                }
             })
             .tx
             .clone()
@@ -132,6 +141,11 @@ impl Inner {
             }
         }
         cmd.fail(RelayError::Internal("document owner unavailable".into()));
+    }
+
+    /// A number never handed out before (owner generations and document epochs).
+    pub(super) fn next_epoch(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Removes the registry entry of owner `generation`; true when it was still registered.
@@ -176,6 +190,11 @@ impl Documents {
         self.inner.forward(id, make(reply)).await;
         rx.await
             .map_err(|_| RelayError::Internal("document owner stopped".into()))?
+    }
+
+    /// What the document's owner last published, if it is running (see [`Hint`]).
+    pub fn hint(&self, id: &DocId) -> Option<Hint> {
+        self.inner.owners.get(id).map(|h| h.hint.borrow().clone())
     }
 
     /// Merges an upload; returns once the merged state is durable.

@@ -99,7 +99,7 @@ async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
                                 let upload = if changes.is_empty() {
                                     None
                                 } else {
-                                    match validate(changes.into()).await {
+                                    match validate(&docs, &doc, changes.into()).await {
                                         Ok(u) => Some(u),
                                         Err(e) => {
                                             let reply = RepoMessage::Error {
