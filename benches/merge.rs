@@ -157,8 +157,26 @@ async fn stats(c: &reqwest::Client, port: u16) -> serde_json::Value {
         .unwrap()
 }
 
+fn cpu_secs(pid: u32) -> f64 {
+    // utime + stime, fields 14 and 15 of /proc/PID/stat, in clock ticks (100 per second here).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+struct Contention {
+    rate: f64,
+    avg_batch: f64,
+    apply_ms: f64,
+    persist_ms: f64,
+    server_cpu: f64,
+    client_cpu: f64,
+}
+
 /// (c): 32 writers posting full saves of a small document for `secs` seconds.
-async fn concurrent_writers(c: &reqwest::Client, port: u16, secs: u64) -> (f64, f64) {
+async fn concurrent_writers(c: &reqwest::Client, port: u16, pid: u32, secs: u64) -> Contention {
     let url = format!("http://127.0.0.1:{port}/contended");
     let mut base = AutoCommit::new();
     let list = base.put_object(ROOT, "items", ObjType::List).unwrap();
@@ -166,6 +184,7 @@ async fn concurrent_writers(c: &reqwest::Client, port: u16, secs: u64) -> (f64, 
     base.commit();
     post(c, &url, base.save()).await;
     let before = stats(c, port).await;
+    let (server0, client0) = (cpu_secs(pid), cpu_secs(std::process::id()));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -191,10 +210,17 @@ async fn concurrent_writers(c: &reqwest::Client, port: u16, secs: u64) -> (f64, 
         applied += t.await.unwrap();
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let (server1, client1) = (cpu_secs(pid), cpu_secs(std::process::id()));
     let after = stats(c, port).await;
-    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
-    let avg_batch = d("batched_writes") as f64 / d("batches").max(1) as f64;
-    (applied as f64 / elapsed, avg_batch)
+    let d = |k: &str| (after[k].as_u64().unwrap() - before[k].as_u64().unwrap()) as f64;
+    Contention {
+        rate: applied as f64 / elapsed,
+        avg_batch: d("batched_writes") / d("batches").max(1.0),
+        apply_ms: d("apply_micros") / d("batches").max(1.0) / 1000.0,
+        persist_ms: d("persist_micros") / d("persists").max(1.0) / 1000.0,
+        server_cpu: (server1 - server0) / elapsed,
+        client_cpu: (client1 - client0) / elapsed,
+    }
 }
 
 fn main() {
@@ -215,7 +241,8 @@ fn main() {
         "{:<6} {:>12} {:>16} {:>8} {:>16}",
         "doc", "(a) apply", "(b) POST incr.", "ratio", "(b) POST full"
     );
-    for (name, doc) in &docs {
+    let skip_ab = std::env::var("MERGE_ONLY_C").is_ok();
+    for (name, doc) in docs.iter().filter(|_| !skip_ab) {
         let a = floor(doc);
         let (inc, full) = rt.block_on(relay_latency(&c, relay.port, name, doc));
         println!(
@@ -227,7 +254,14 @@ fn main() {
             ms(full)
         );
     }
-    let (rate, batch) = rt.block_on(concurrent_writers(&c, relay.port, 10));
+    let r = rt.block_on(concurrent_writers(&c, relay.port, relay.child.id(), 10));
     println!("\n(c) 32 concurrent writers, full saves of a small document, 10 s");
-    println!("changes merged/s: {rate:.0}   average batch size: {batch:.1} writes");
+    println!(
+        "changes merged/s: {:.0}   average batch: {:.1} writes, {:.2} ms apply, {:.2} ms persist",
+        r.rate, r.avg_batch, r.apply_ms, r.persist_ms
+    );
+    println!(
+        "CPU (cores busy): relay {:.2}, load generator {:.2}",
+        r.server_cpu, r.client_cpu
+    );
 }

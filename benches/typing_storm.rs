@@ -415,9 +415,11 @@ struct PeerStats {
     keystrokes: u64,
     skipped_ticks: u64,
     max_frame_in: u64,
-    /// Change chunks received in sync messages, and how many of them were new to the peer.
+    /// Change chunks received in sync messages (all peers), and the observer's new changes.
     change_chunks_in: u64,
     changes_new: u64,
+    /// How late each keystroke ran after its scheduled instant (load generator saturation).
+    tick_lag_ms: Vec<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -630,6 +632,24 @@ impl Peer {
                     }
                 };
                 let chunks = message.changes.iter().count() as u64;
+                if bytes.len() > 64 * 1024 && std::env::var_os("TYPING_STORM_DEBUG").is_some() {
+                    eprintln!(
+                        "  debug: {} got a {} byte sync in phase {phase:?}: {} chunks of {:?} \
+                         bytes, {} heads, {} need, {} have",
+                        self.name,
+                        bytes.len(),
+                        chunks,
+                        message
+                            .changes
+                            .iter()
+                            .map(|c| c.len())
+                            .take(5)
+                            .collect::<Vec<_>>(),
+                        message.heads.len(),
+                        message.need.len(),
+                        message.have.len(),
+                    );
+                }
                 let old_heads = self.doc.get_heads();
                 if let Err(e) = self.doc.receive_sync_message(&mut self.state, message) {
                     self.shared
@@ -637,7 +657,8 @@ impl Peer {
                     return;
                 }
                 self.stats.change_chunks_in += chunks;
-                if self.doc.get_heads() != old_heads {
+                // Only the observer looks for the new changes (it costs a clock computation).
+                if self.role == Role::Observer && self.doc.get_heads() != old_heads {
                     let new: Vec<ChangeHash> = self
                         .doc
                         .get_changes_meta(&old_heads)
@@ -645,9 +666,7 @@ impl Peer {
                         .map(|m| m.hash)
                         .collect();
                     self.stats.changes_new += new.len() as u64;
-                    if self.role == Role::Observer {
-                        self.observe(new, arrival);
-                    }
+                    self.observe(new, arrival);
                 }
                 self.find_text();
                 // Reply at once, as automerge-repo does ("respond to just this peer").
@@ -868,6 +887,8 @@ impl Peer {
                     self.last_fire = Instant::now();
                 }
                 _ = tokio::time::sleep_until(next_key.into()), if typing => {
+                    let lag = Instant::now().saturating_duration_since(next_key);
+                    self.stats.tick_lag_ms.push(lag.as_secs_f64() * 1e3);
                     self.keystroke(cfg.throttle);
                     next_key += period;
                     // Fell behind by more than a period (overloaded machine): skip, don't burst.
@@ -943,6 +964,7 @@ struct RunResult {
     lost: u64,
     typed_lat: Summary,
     sent_lat: Summary,
+    tick_lag: Summary,
     window_s: f64,
     drain_s: f64,
     server_cpu_s: Option<f64>,
@@ -992,6 +1014,7 @@ impl RunResult {
             "keystrokes_lost": self.lost,
             "latency_typed_ms": lat(&self.typed_lat),
             "latency_sent_ms": lat(&self.sent_lat),
+            "loadgen_tick_lag_ms": lat(&self.tick_lag),
             "window_s": round3(self.window_s),
             "drain_s": round3(self.drain_s),
             "server_cpu_s": self.server_cpu_s.map(round3),
@@ -1005,7 +1028,7 @@ impl RunResult {
             "bytes_out": self.bytes_out,
             "max_frame_in": self.max_frame_in,
             "change_chunks_in": self.change_chunks_in,
-            "changes_new_in": self.changes_new,
+            "observer_changes_new": self.changes_new,
             "errors": self.errors.len(),
             "first_errors": self.errors.iter().take(5).collect::<Vec<_>>(),
             "server_stderr_lines": self.server_stderr_lines,
@@ -1128,10 +1151,12 @@ async fn storm(
     }
 
     control_tx.send_modify(|c| c.stop = true);
+    let mut tick_lags = Vec::new();
     for t in tasks {
         let abort = t.abort_handle();
         match tokio::time::timeout(Duration::from_secs(5), t).await {
-            Ok(Ok(s)) => {
+            Ok(Ok(mut s)) => {
+                tick_lags.append(&mut s.tick_lag_ms);
                 result.skipped_ticks += s.skipped_ticks;
                 result.frames_in += s.frames_in;
                 result.frames_out += s.frames_out;
@@ -1157,6 +1182,7 @@ async fn storm(
     result.lost = result.typed.saturating_sub(result.seen);
     result.typed_lat = summarize(&mut obs.typed_ms);
     result.sent_lat = summarize(&mut obs.sent_ms);
+    result.tick_lag = summarize(&mut tick_lags);
     result.errors = shared.errors.lock().unwrap().clone();
     result
 }
@@ -1172,18 +1198,18 @@ fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
 fn print_table(results: &[RunResult]) {
     println!();
     println!(
-        "{:<10} {:>3} {:>6} {:>6} {:>6} {:>5} | {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} | {:>7} {:>6} {:>7} {:>6} | {:>4}",
+        "{:<10} {:>3} {:>6} {:>6} {:>6} {:>5} | {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} | {:>7} {:>6} {:>7} {:>6} {:>6} | {:>4}",
         "server", "T", "exp", "sent", "seen", "lost", "p50", "p90", "p99", "max", "s.p50", "s.p99",
-        "cpu s", "%core", "ms/key", "gen s", "errs"
+        "cpu s", "%core", "ms/key", "gen s", "lag99", "errs"
     );
-    println!("{}", "-".repeat(140));
+    println!("{}", "-".repeat(147));
     for r in results {
         if let Some(f) = &r.failure {
             println!("{:<10} {:>3} FAILED: {f}", r.server, r.typists);
             continue;
         }
         println!(
-            "{:<10} {:>3} {:>6} {:>6} {:>6} {:>5} | {:>7.1} {:>7.1} {:>7.1} {:>7.1} | {:>7.1} {:>7.1} | {:>7} {:>6} {:>7} {:>6} | {:>4}",
+            "{:<10} {:>3} {:>6} {:>6} {:>6} {:>5} | {:>7.1} {:>7.1} {:>7.1} {:>7.1} | {:>7.1} {:>7.1} | {:>7} {:>6} {:>7} {:>6} {:>6.0} | {:>4}",
             r.server,
             r.typists,
             r.expected,
@@ -1200,12 +1226,13 @@ fn print_table(results: &[RunResult]) {
             fmt_opt(r.cpu_pct(), 0),
             fmt_opt(r.cpu_ms_per_key(), 2),
             fmt_opt(r.loadgen_cpu_s, 1),
+            r.tick_lag.p99,
             r.errors.len(),
         );
     }
     println!(
-        "exp = T x rate x seconds; sent < exp means the load generator fell behind (gen s = its \
-         CPU-seconds). Latency in ms, keystroke -> observer (p50..max, includes the 100 ms \
+        "exp = T x rate x seconds; sent < exp or a large lag99 (p99 ms by which keystrokes ran late) \
+         means the load generator fell behind (gen s = its CPU-seconds). Latency in ms, keystroke -> observer (p50..max, includes the 100 ms \
          client throttle) and sent -> observer (s.p50, s.p99). cpu = server utime+stime over \
          typing + drain"
     );

@@ -10,9 +10,9 @@ import { repoSync } from "./sync/repo.js"
 import "./style.css"
 
 const MODES = {
-  http: { start: httpSync, label: "HTTP", help: "Saves with POST after every change and merges the relay's copy on load — the Automerge tutorial's flow. Reload to see others' edits." },
-  ws: { start: wsSync, label: "WebSocket", help: "The relay's per-document WebSocket: changes are pushed both ways as they happen." },
-  repo: { start: repoSync, label: "Repo", help: "An unmodified automerge-repo client with WebSocketClientAdapter, syncing live through the relay." },
+  http: { start: httpSync, help: "Saves with POST after every change and merges the relay's copy on load — the Automerge tutorial's flow. Reload to see others' edits." },
+  ws: { start: wsSync, help: "The relay's per-document WebSocket: changes are pushed both ways as they happen." },
+  repo: { start: repoSync, help: "An unmodified automerge-repo client with WebSocketClientAdapter, syncing live through the relay." },
 }
 
 // Settings come from the URL (?mode=ws&relay=...) or what was used last.
@@ -26,7 +26,7 @@ let doc
 let sync
 let editingId = null // the todo whose title is being edited, and the text so far
 let draft = ""
-let rendering = false
+let rendering = false // a re-render removes the edit box: ignore its blur then
 
 const $ = (selector) => document.querySelector(selector)
 

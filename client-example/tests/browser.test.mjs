@@ -269,7 +269,8 @@ test("no uncaught errors in the pages", () => {
 
 async function screenshotSideBySide(a, b, name, label) {
   await Promise.all([a.mouse.move(0, 0), b.mouse.move(0, 0)]) // no hover effects
-  const [left, right] = await Promise.all([a.screenshot(), b.screenshot()])
+  const shot = (page) => page.screenshot({ animations: "disabled" })
+  const [left, right] = await Promise.all([shot(a), shot(b)])
   const ctx = await browser.newContext({ viewport: { width: 1300, height: 840 } })
   const page = await ctx.newPage()
   const img = (png, caption) => `<figure><figcaption>${caption}</figcaption><img src="data:image/png;base64,${png.toString("base64")}"></figure>`

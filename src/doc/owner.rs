@@ -595,7 +595,7 @@ impl Owner {
                 ChunkKind::Snapshot => snap_bytes += len,
             }
         }
-        inc_count >= 128 || (inc_count >= 8 && inc_bytes >= snap_bytes)
+        inc_count >= 1024 || (inc_count >= 32 && inc_bytes >= snap_bytes)
     }
 
     fn start_compaction(&mut self, snapshot: Vec<u8>) {
