@@ -58,6 +58,7 @@ options:
   --node PATH               node binary, default node
   --reference-script PATH   default <crate>/tests/js/reference-server.mjs
   --label NAME              name of the --url target in the report, default url
+env TYPING_STORM_DEBUG=1 prints every incoming sync frame over 64 KiB (whole-document resends).
 ";
 
 // ---------------------------------------------------------------------------------------------

@@ -127,11 +127,30 @@ pub enum Command {
 /// `request`, did it carry changes).
 type RepoIn = (ConnId, sync::Message, bool, bool);
 
-/// A repo peer of this document: its link and our sync state with it (fresh per connection).
-struct RepoPeer {
-    link: PeerLink,
-    state: sync::State,
+/// Our sync state with each repo peer of this document (fresh per connection). Kept apart
+/// from the peers' links: the states travel to the merge thread, the links stay to deliver
+/// the previous turn's messages meanwhile.
+type RepoStates = HashMap<ConnId, sync::State>;
+
+/// A turn whose merge is done and whose durable write may still be running. Its replies,
+/// pushes and repo messages go out only once that write has succeeded.
+struct Turn {
+    persist: Option<JoinHandle<Result<Persisted, StoreError>>>,
+    writes: Vec<WriteRequest>,
+    reads: Vec<(Option<Vec<ChangeHash>>, Reply<ReadOutcome>)>,
+    subscribes: Vec<(ConnId, usize, Reply<Subscription>)>,
+    results: Vec<Result<WriteOutcome, RelayError>>,
+    push: Option<PushBatch>,
+    outgoing: Vec<(ConnId, Outgoing)>,
+    full_save: Option<Bytes>,
+    since_reads: Vec<Bytes>,
+    snapshot: Option<Vec<u8>>,
+    heads: Vec<ChangeHash>,
+    exists: bool,
 }
+
+/// A durable write's key, size and duration.
+type Persisted = (ChunkKey, usize, std::time::Duration);
 
 struct Subscriber {
     conn: ConnId,
@@ -158,7 +177,12 @@ pub(super) struct Owner {
     subscribers: Vec<Subscriber>,
     compaction: Option<Compaction>,
     load_error: Option<String>,
-    repo_peers: HashMap<ConnId, RepoPeer>,
+    repo_links: HashMap<ConnId, PeerLink>,
+    repo_states: RepoStates,
+    /// The previous turn, while its durable write runs (overlapping the next merge).
+    in_flight: Option<Turn>,
+    /// A snapshot was taken and its compaction has not finished yet.
+    snapshot_pending: bool,
 }
 
 /// What the blocking half of a turn hands back.
@@ -172,7 +196,7 @@ struct Applied {
     full_save: Option<Bytes>,
     since_reads: Vec<Bytes>,
     snapshot: Option<Vec<u8>>,
-    repo_peers: HashMap<ConnId, RepoPeer>,
+    repo_states: RepoStates,
     outgoing: Vec<(ConnId, Outgoing)>,
 }
 
@@ -215,13 +239,35 @@ impl Owner {
             subscribers: Vec::new(),
             compaction: None,
             load_error: None,
-            repo_peers: HashMap::new(),
+            repo_links: HashMap::new(),
+            repo_states: HashMap::new(),
+            in_flight: None,
+            snapshot_pending: false,
         }
     }
 
     pub(super) async fn run(mut self) {
         self.load().await;
-        while let Some(first) = self.rx.recv().await {
+        loop {
+            let first = tokio::select! {
+                cmd = self.rx.recv() => cmd,
+                result = wait_in_flight(&mut self.in_flight) => {
+                    if let Some(turn) = self.in_flight.take() {
+                        if self.complete(turn, result).is_err() {
+                            self.reload().await;
+                        }
+                    }
+                    if self.should_retire() && self.inner.retire(&self.id, self.generation) {
+                        self.hand_over_leftovers().await;
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(first) = first else {
+                self.drain().await;
+                return;
+            };
             let mut cmds = vec![first];
             while cmds.len() < MAX_BATCH {
                 match self.rx.try_recv() {
@@ -245,7 +291,8 @@ impl Owner {
     fn should_retire(&self) -> bool {
         !self.exists
             && self.subscribers.is_empty()
-            && self.repo_peers.is_empty()
+            && self.repo_links.is_empty()
+            && self.in_flight.is_none()
             && self.compaction.is_none()
             && self.load_error.is_none()
     }
@@ -331,6 +378,7 @@ impl Owner {
                 }
                 Command::Delete { reply } => {
                     self.run_segment(mem::take(&mut segment)).await;
+                    self.drain().await;
                     let _ = reply.send(self.delete().await);
                 }
                 Command::RepoSync {
@@ -340,10 +388,8 @@ impl Owner {
                     request,
                 } => {
                     let conn = link.conn;
-                    self.repo_peers.entry(conn).or_insert_with(|| RepoPeer {
-                        link,
-                        state: sync::State::new(),
-                    });
+                    self.repo_links.entry(conn).or_insert(link);
+                    self.repo_states.entry(conn).or_default();
                     let had_changes = upload.is_some();
                     if let Some(upload) = upload {
                         // Merged in the same batch as every other upload; nobody awaits it.
@@ -358,7 +404,8 @@ impl Owner {
                     segment.repo.push((conn, message, request, had_changes));
                 }
                 Command::RepoDetach { conn } => {
-                    self.repo_peers.remove(&conn);
+                    self.repo_links.remove(&conn);
+                    self.repo_states.remove(&conn);
                 }
             }
         }
@@ -374,9 +421,10 @@ impl Owner {
             subscribes,
             repo,
         } = segment;
+        // `exists` already includes the turn still being persisted: if that write fails, this
+        // turn fails with it.
         let exists_before = self.exists;
-        let want_snapshot =
-            !writes.is_empty() && self.compaction.is_none() && self.wants_compaction();
+        let want_snapshot = !writes.is_empty() && !self.snapshot_pending && self.wants_compaction();
         let jobs: Vec<WriteJob> = writes
             .iter()
             .map(|w| WriteJob {
@@ -390,7 +438,7 @@ impl Owner {
         let doc = mem::take(&mut self.doc);
         let cached = self.cached_save.take();
         let stored_pending = mem::take(&mut self.stored_pending);
-        let repo_peers = mem::take(&mut self.repo_peers);
+        let repo_states = mem::take(&mut self.repo_states);
         let id = self.id.clone();
         let epoch = self.epoch();
         let started = std::time::Instant::now();
@@ -406,24 +454,30 @@ impl Owner {
                 cached,
                 since: &since,
                 want_snapshot,
-                repo_peers,
+                repo_states,
                 repo,
             });
             (applied, stored_pending)
-        })
-        .await;
-        let (applied, stored_pending) = match work {
+        });
+        // While this turn merges, finish the previous one (its write overlaps this merge).
+        let mut failure = None;
+        if let Some(mut prev) = self.in_flight.take() {
+            let result = wait_persist(&mut prev).await;
+            if let Err(e) = self.complete(prev, result) {
+                failure = Some(e);
+            }
+        }
+        let (applied, stored_pending) = match work.await {
             Ok(v) => v,
             Err(e) => {
                 // The document went with the panicked task: reload it from the store.
                 let err = RelayError::Internal(format!("merge task failed: {e}"));
                 tracing::error!(doc = %self.id, error = %err, "merge failed; reloading");
                 fail_all(writes, reads, subscribes, &err);
-                self.load().await;
+                self.reload().await;
                 return;
             }
         };
-        self.stored_pending = stored_pending;
         let Applied {
             doc,
             results,
@@ -434,48 +488,123 @@ impl Owner {
             full_save,
             since_reads,
             snapshot,
-            repo_peers,
+            repo_states,
             outgoing,
         } = applied;
         self.doc = doc;
-        self.repo_peers = repo_peers;
-        let apply_time = started.elapsed();
-
-        if !persist.is_empty() {
-            let len = persist.len();
-            let t = std::time::Instant::now();
-            match self.inner.store.append(&self.id, persist).await {
-                Ok(key) => {
-                    self.inner.stats.persisted(t.elapsed());
-                    self.chunks.push((key, len));
-                    self.exists = true;
-                    for h in cleared_pending {
-                        self.stored_pending.remove(&h);
-                    }
-                    self.stored_pending.extend(new_pending);
-                }
-                Err(e) => {
-                    let err = RelayError::Storage(e.to_string());
-                    tracing::error!(doc = %self.id, error = %err, "persisting a batch failed");
-                    // Memory must not run ahead of the store: reload the durable state and
-                    // start every repo peer's sync over.
-                    fail_all(writes, reads, subscribes, &err);
-                    self.load().await;
-                    for peer in self.repo_peers.values_mut() {
-                        peer.state = sync::State::new();
-                    }
-                    return;
-                }
-            }
+        self.repo_states = repo_states;
+        if let Some(err) = failure {
+            // This turn was merged on top of a batch that never became durable.
+            fail_all(writes, reads, subscribes, &err);
+            self.reload().await;
+            return;
         }
+        self.stored_pending = stored_pending;
+        for h in cleared_pending {
+            self.stored_pending.remove(&h);
+        }
+        self.stored_pending.extend(new_pending);
+        let accepted = results.iter().filter(|r| r.is_ok()).count();
+        self.inner.stats.batch(accepted, started.elapsed());
+        let changed = !persist.is_empty();
+        self.exists |= changed;
         self.cached_save = full_save.clone();
         if push.is_some() {
             self.publish(false);
         }
-        let accepted = results.iter().filter(|r| r.is_ok()).count();
-        self.inner.stats.batch(accepted, apply_time);
+        if snapshot.is_some() {
+            self.snapshot_pending = true;
+        }
+        let persist = changed.then(|| {
+            let store = self.inner.store.clone();
+            let id = self.id.clone();
+            tokio::spawn(async move {
+                let len = persist.len();
+                let t = std::time::Instant::now();
+                let key = store.append(&id, persist).await?;
+                Ok((key, len, t.elapsed()))
+            })
+        });
+        let turn = Turn {
+            persist,
+            writes,
+            reads,
+            subscribes,
+            results,
+            push,
+            outgoing,
+            full_save,
+            since_reads,
+            snapshot,
+            heads: self.doc.get_heads(),
+            exists: self.exists,
+        };
+        if turn.persist.is_some() {
+            self.in_flight = Some(turn);
+        } else if let Err(e) = self.complete(turn, Ok(None)) {
+            tracing::error!(doc = %self.id, error = %e, "turn failed");
+        }
+    }
 
-        let heads = self.doc.get_heads();
+    /// Waits for the turn in flight, if any, and finishes it.
+    async fn drain(&mut self) {
+        if let Some(mut turn) = self.in_flight.take() {
+            let result = wait_persist(&mut turn).await;
+            if self.complete(turn, result).is_err() {
+                self.reload().await;
+            }
+        }
+    }
+
+    /// Reloads the durable state after a failure and restarts every repo peer's sync.
+    async fn reload(&mut self) {
+        self.stored_pending.clear();
+        self.cached_save = None;
+        self.snapshot_pending = false;
+        self.load().await;
+        self.reset_repo_states();
+    }
+
+    fn reset_repo_states(&mut self) {
+        for state in self.repo_states.values_mut() {
+            *state = sync::State::new();
+        }
+    }
+
+    /// Sends everything a merged turn owes once its write is durable; on a failed write,
+    /// fails the turn's requests and returns the error.
+    fn complete(
+        &mut self,
+        turn: Turn,
+        persisted: Result<Option<Persisted>, RelayError>,
+    ) -> Result<(), RelayError> {
+        let Turn {
+            writes,
+            reads,
+            subscribes,
+            results,
+            push,
+            outgoing,
+            full_save,
+            since_reads,
+            snapshot,
+            heads,
+            exists,
+            ..
+        } = turn;
+        match persisted {
+            Ok(Some((key, len, took))) => {
+                self.inner.stats.persisted(took);
+                self.chunks.push((key, len));
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::error!(doc = %self.id, error = %err, "persisting a batch failed");
+                fail_all(writes, reads, subscribes, &err);
+                self.snapshot_pending = false;
+                return Err(err);
+            }
+        }
         let etag = etag_for(&heads);
         for (w, result) in writes.into_iter().zip(results) {
             let _ = w.reply.send(result);
@@ -485,16 +614,17 @@ impl Owner {
         }
         for (conn, out) in outgoing {
             let gone = self
-                .repo_peers
+                .repo_links
                 .get(&conn)
-                .is_some_and(|peer| !peer.link.offer(out));
+                .is_some_and(|link| !link.offer(out));
             if gone {
-                self.repo_peers.remove(&conn);
+                self.repo_links.remove(&conn);
+                self.repo_states.remove(&conn);
             }
         }
         let mut since_reads = since_reads.into_iter();
         for (since, reply) in reads {
-            let outcome = if !self.exists {
+            let outcome = if !exists {
                 ReadOutcome::Missing
             } else {
                 let bytes = match since {
@@ -512,11 +642,7 @@ impl Owner {
         for (conn, queue, reply) in subscribes {
             let (tx, rx) = mpsc::channel(queue.max(1));
             let lagged = Arc::new(AtomicBool::new(false));
-            let initial = if self.exists {
-                Some((full_save.clone().unwrap_or_default(), heads.clone()))
-            } else {
-                None
-            };
+            let initial = exists.then(|| (full_save.clone().unwrap_or_default(), heads.clone()));
             let sub = Subscription {
                 initial,
                 events: rx,
@@ -529,6 +655,7 @@ impl Owner {
         if let Some(snapshot) = snapshot {
             self.start_compaction(snapshot);
         }
+        Ok(())
     }
 
     /// Hands one event to every subscriber without ever waiting: a full queue marks the
@@ -577,9 +704,7 @@ impl Owner {
         self.subscribers.clear();
         // Repo peers keep their copies; their next sync starts from nothing (and re-creates
         // the document if they still have it).
-        for peer in self.repo_peers.values_mut() {
-            peer.state = sync::State::new();
-        }
+        self.reset_repo_states();
         Ok(true)
     }
 
@@ -620,6 +745,7 @@ impl Owner {
         let Some(result) = self.compaction.take().and_then(|h| h.now_or_never()) else {
             return;
         };
+        self.snapshot_pending = false;
         match result {
             Ok(Ok((key, len, replaced))) => {
                 self.chunks.retain(|(k, _)| !replaced.contains(k));
@@ -629,6 +755,26 @@ impl Owner {
             Ok(Err(e)) => tracing::warn!(doc = %self.id, error = %e, "compaction failed"),
             Err(e) => tracing::warn!(doc = %self.id, error = %e, "compaction task failed"),
         }
+    }
+}
+
+/// The result of a turn's durable write.
+async fn wait_persist(turn: &mut Turn) -> Result<Option<Persisted>, RelayError> {
+    let Some(handle) = turn.persist.as_mut() else {
+        return Ok(None);
+    };
+    match handle.await {
+        Ok(Ok(done)) => Ok(Some(done)),
+        Ok(Err(e)) => Err(RelayError::Storage(e.to_string())),
+        Err(e) => Err(RelayError::Storage(format!("storage task failed: {e}"))),
+    }
+}
+
+/// Resolves when the turn in flight has been persisted; never, when there is none.
+async fn wait_in_flight(in_flight: &mut Option<Turn>) -> Result<Option<Persisted>, RelayError> {
+    match in_flight {
+        Some(turn) => wait_persist(turn).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -686,7 +832,7 @@ struct SegmentInput<'a> {
     cached: Option<Bytes>,
     since: &'a [Option<Vec<ChangeHash>>],
     want_snapshot: bool,
-    repo_peers: HashMap<ConnId, RepoPeer>,
+    repo_states: RepoStates,
     repo: Vec<RepoIn>,
 }
 
@@ -705,7 +851,7 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
         cached,
         since,
         want_snapshot,
-        mut repo_peers,
+        mut repo_states,
         repo,
     } = input;
     let old_heads = doc.get_heads();
@@ -855,7 +1001,7 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
     let outgoing = repo_exchange(
         &id,
         &mut doc,
-        &mut repo_peers,
+        &mut repo_states,
         repo,
         exists_before || changed,
         !new.is_empty(),
@@ -876,7 +1022,7 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
         full_save,
         since_reads,
         snapshot,
-        repo_peers,
+        repo_states,
         outgoing,
     }
 }
@@ -932,7 +1078,7 @@ impl Group {
 fn repo_exchange(
     id: &DocId,
     doc: &mut Automerge,
-    peers: &mut HashMap<ConnId, RepoPeer>,
+    peers: &mut RepoStates,
     messages: Vec<RepoIn>,
     exists: bool,
     changed: bool,
@@ -941,20 +1087,20 @@ fn repo_exchange(
     let mut spoke: HashSet<ConnId> = HashSet::new();
     let mut unavailable: HashSet<ConnId> = HashSet::new();
     for (conn, message, request, had_changes) in messages {
-        let Some(peer) = peers.get_mut(&conn) else {
+        let Some(state) = peers.get_mut(&conn) else {
             continue;
         };
         let their_heads_empty = message.heads.is_empty();
-        let last_sent = peer.state.last_sent_heads.clone();
-        if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
+        let last_sent = state.last_sent_heads.clone();
+        if let Err(e) = doc.receive_sync_message(state, message) {
             tracing::warn!(conn, error = %e, "bad sync message; restarting this peer's sync");
-            peer.state = sync::State::new();
+            *state = sync::State::new();
         }
         if had_changes {
             // The changes were merged before this call (in the batch), so automerge took the
             // message for a heads-only one and assumed we already told the peer our heads.
             // Undo that: the peer must get an acknowledgement with our new heads.
-            peer.state.last_sent_heads = last_sent;
+            state.last_sent_heads = last_sent;
         }
         spoke.insert(conn);
         if !exists && doc.get_heads().is_empty() && (request || their_heads_empty) {
@@ -972,14 +1118,14 @@ fn repo_exchange(
         if !(changed || spoke.contains(&conn)) {
             continue;
         }
-        let Some(peer) = peers.get_mut(&conn) else {
+        let Some(state) = peers.get_mut(&conn) else {
             continue;
         };
-        let they_have_nothing = peer.state.their_heads.as_ref().is_none_or(|h| h.is_empty());
+        let they_have_nothing = state.their_heads.as_ref().is_none_or(|h| h.is_empty());
         if doc_empty && they_have_nothing {
             continue;
         }
-        let generated = doc.generate_sync_message(&mut peer.state);
+        let generated = doc.generate_sync_message(state);
         tracing::debug!(doc = %id, conn, sent = generated.is_some(), "repo sync generated");
         if let Some(msg) = generated {
             out.push((
