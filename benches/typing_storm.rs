@@ -323,10 +323,13 @@ fn spawn_server(cfg: &Config, target: &Target) -> Result<Spawned, String> {
         let mut tx = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(addr) = line.trim().strip_prefix("listening on http://") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.to_string());
+            match line.trim().strip_prefix("listening on http://") {
+                Some(addr) if tx.is_some() => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.to_string());
+                    }
                 }
+                _ => eprintln!("    [server stdout] {line}"),
             }
         }
     });
