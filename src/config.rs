@@ -74,6 +74,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_PING_SECS", default_value_t = 5)]
     pub ping_secs: u64,
 
+    /// Least milliseconds between two sync messages the relay pushes to one automerge-repo
+    /// peer (answers to a peer's own changes and requests are never held back).
+    #[arg(long, env = "RELAY_REPO_SYNC_INTERVAL_MS", default_value_t = 25)]
+    pub repo_sync_interval_ms: u64,
+
     /// Seconds to wait for in-flight work at shutdown before exiting anyway.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ServeArgs, StoreKind};
-use crate::doc::Documents;
+use crate::doc::{DocConfig, Documents};
 use crate::http::{router, AppState, Limits};
 use crate::repo::hub::Hub;
 use crate::storage::{MemoryStore, SledStore, Store};
@@ -42,7 +42,12 @@ pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
 /// Runs the server until `shutdown` fires. Prints `listening on http://ADDR` once bound.
 pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), ServeError> {
     let store = open_store(&args)?;
-    let docs = Documents::new(store);
+    let docs = Documents::with_config(
+        store,
+        DocConfig {
+            repo_sync_interval: Duration::from_millis(args.repo_sync_interval_ms),
+        },
+    );
     let tasks = TaskTracker::new();
     let state = AppState {
         docs: docs.clone(),

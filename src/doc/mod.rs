@@ -15,7 +15,7 @@ pub use owner::{
     Command, DocEvent, PushBatch, ReadOutcome, Subscription, WriteOutcome, WriteRequest,
 };
 pub use peer::{Outgoing, PeerLink};
-pub use registry::{Documents, Precondition, StatsSnapshot};
+pub use registry::{DocConfig, Documents, Precondition, StatsSnapshot};
 
 /// Identifies a live connection, so a client is not sent a batch made only of its own changes.
 pub type ConnId = u64;

@@ -127,10 +127,19 @@ pub enum Command {
 /// `request`, did it carry changes).
 type RepoIn = (ConnId, sync::Message, bool, bool);
 
-/// Our sync state with each repo peer of this document (fresh per connection). Kept apart
-/// from the peers' links: the states travel to the merge thread, the links stay to deliver
-/// the previous turn's messages meanwhile.
-type RepoStates = HashMap<ConnId, sync::State>;
+/// Our sync state with one repo peer of this document (fresh per connection).
+#[derive(Default)]
+struct PeerSync {
+    state: sync::State,
+    /// When we last sent this peer a sync message.
+    last_sent: Option<std::time::Instant>,
+    /// The peer is owed a sync message that the push interval held back.
+    due: bool,
+}
+
+/// Sync states by connection. Kept apart from the peers' links: the states travel to the
+/// merge thread, the links stay to deliver the previous turn's messages meanwhile.
+type RepoStates = HashMap<ConnId, PeerSync>;
 
 /// A turn whose merge is done and whose durable write may still be running. Its replies,
 /// pushes and repo messages go out only once that write has succeeded.
@@ -183,6 +192,8 @@ pub(super) struct Owner {
     in_flight: Option<Turn>,
     /// A snapshot was taken and its compaction has not finished yet.
     snapshot_pending: bool,
+    /// When peers held back by the repo push interval are due.
+    repo_flush_at: Option<tokio::time::Instant>,
 }
 
 /// What the blocking half of a turn hands back.
@@ -198,6 +209,8 @@ struct Applied {
     snapshot: Option<Vec<u8>>,
     repo_states: RepoStates,
     outgoing: Vec<(ConnId, Outgoing)>,
+    /// When the next held-back repo peer is due.
+    repo_due: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -243,6 +256,7 @@ impl Owner {
             repo_states: HashMap::new(),
             in_flight: None,
             snapshot_pending: false,
+            repo_flush_at: None,
         }
     }
 
@@ -251,6 +265,12 @@ impl Owner {
         loop {
             let first = tokio::select! {
                 cmd = self.rx.recv() => cmd,
+                _ = wait_until(self.repo_flush_at) => {
+                    // Repo peers held back by the push interval are due: a turn with no commands.
+                    self.repo_flush_at = None;
+                    self.handle(Vec::new()).await;
+                    continue;
+                }
                 result = wait_in_flight(&mut self.in_flight) => {
                     if let Some(turn) = self.in_flight.take() {
                         if self.complete(turn, result).is_err() {
@@ -409,7 +429,8 @@ impl Owner {
                 }
             }
         }
-        if !segment.is_empty() {
+        // An empty segment still runs when repo peers are due (a flush turn).
+        if !segment.is_empty() || self.repo_states.values().any(|p| p.due) {
             self.run_segment(segment).await;
         }
     }
@@ -441,6 +462,7 @@ impl Owner {
         let repo_states = mem::take(&mut self.repo_states);
         let id = self.id.clone();
         let epoch = self.epoch();
+        let repo_interval = self.inner.config.repo_sync_interval;
         let started = std::time::Instant::now();
         let work = tokio::task::spawn_blocking(move || {
             let applied = apply_segment(SegmentInput {
@@ -456,6 +478,7 @@ impl Owner {
                 want_snapshot,
                 repo_states,
                 repo,
+                repo_interval,
             });
             (applied, stored_pending)
         });
@@ -490,9 +513,11 @@ impl Owner {
             snapshot,
             repo_states,
             outgoing,
+            repo_due,
         } = applied;
         self.doc = doc;
         self.repo_states = repo_states;
+        self.repo_flush_at = repo_due.map(tokio::time::Instant::from_std);
         if let Some(err) = failure {
             // This turn was merged on top of a batch that never became durable.
             fail_all(writes, reads, subscribes, &err);
@@ -566,8 +591,9 @@ impl Owner {
     }
 
     fn reset_repo_states(&mut self) {
-        for state in self.repo_states.values_mut() {
-            *state = sync::State::new();
+        for peer in self.repo_states.values_mut() {
+            peer.state = sync::State::new();
+            peer.due = false;
         }
     }
 
@@ -770,6 +796,14 @@ async fn wait_persist(turn: &mut Turn) -> Result<Option<Persisted>, RelayError> 
     }
 }
 
+/// Sleeps until `at`; never resolves for `None`.
+async fn wait_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves when the turn in flight has been persisted; never, when there is none.
 async fn wait_in_flight(in_flight: &mut Option<Turn>) -> Result<Option<Persisted>, RelayError> {
     match in_flight {
@@ -834,6 +868,7 @@ struct SegmentInput<'a> {
     want_snapshot: bool,
     repo_states: RepoStates,
     repo: Vec<RepoIn>,
+    repo_interval: std::time::Duration,
 }
 
 /// The CPU half of a turn: apply every write (one `load_incremental` per run of unconditional
@@ -853,6 +888,7 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
         want_snapshot,
         mut repo_states,
         repo,
+        repo_interval,
     } = input;
     let old_heads = doc.get_heads();
     let mut outcomes: Vec<Option<RelayError>> = Vec::with_capacity(jobs.len());
@@ -998,13 +1034,14 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
             Bytes::from(doc.save_after(&known))
         })
         .collect();
-    let outgoing = repo_exchange(
+    let (outgoing, repo_due) = repo_exchange(
         &id,
         &mut doc,
         &mut repo_states,
         repo,
         exists_before || changed,
         !new.is_empty(),
+        repo_interval,
     );
     let snapshot = (want_snapshot && changed).then(|| {
         doc.save_with_options(SaveOptions {
@@ -1024,6 +1061,7 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
         snapshot,
         repo_states,
         outgoing,
+        repo_due,
     }
 }
 
@@ -1072,9 +1110,10 @@ impl Group {
 
 /// The repo side of a turn: receive each peer's sync message (its changes were already merged
 /// with the batch), answer requests for a document that does not exist with `doc-unavailable`,
-/// then generate a sync message for every peer that spoke or, when the document changed, for
-/// every peer. A peer whose sync is in flight gets nothing until it answers (automerge's flow
-/// control), which coalesces bursts of changes for slow peers.
+/// then generate sync messages. A peer that sent changes, asked for the document or is new is
+/// answered at once; every other peer gets at most one message per `interval` (the owner runs
+/// a flush turn when held-back peers are due), which coalesces a typing storm into few frames.
+/// A peer whose sync is in flight gets nothing until it answers (automerge's flow control).
 fn repo_exchange(
     id: &DocId,
     doc: &mut Automerge,
@@ -1082,52 +1121,69 @@ fn repo_exchange(
     messages: Vec<RepoIn>,
     exists: bool,
     changed: bool,
-) -> Vec<(ConnId, Outgoing)> {
+    interval: std::time::Duration,
+) -> (Vec<(ConnId, Outgoing)>, Option<std::time::Instant>) {
+    let now = std::time::Instant::now();
     let mut out = Vec::new();
-    let mut spoke: HashSet<ConnId> = HashSet::new();
+    let mut urgent: HashSet<ConnId> = HashSet::new();
     let mut unavailable: HashSet<ConnId> = HashSet::new();
     for (conn, message, request, had_changes) in messages {
-        let Some(state) = peers.get_mut(&conn) else {
+        let Some(peer) = peers.get_mut(&conn) else {
             continue;
         };
         let their_heads_empty = message.heads.is_empty();
-        let last_sent = state.last_sent_heads.clone();
-        if let Err(e) = doc.receive_sync_message(state, message) {
+        let last_sent = peer.state.last_sent_heads.clone();
+        if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
             tracing::warn!(conn, error = %e, "bad sync message; restarting this peer's sync");
-            *state = sync::State::new();
+            peer.state = sync::State::new();
         }
         if had_changes {
             // The changes were merged before this call (in the batch), so automerge took the
             // message for a heads-only one and assumed we already told the peer our heads.
             // Undo that: the peer must get an acknowledgement with our new heads.
-            state.last_sent_heads = last_sent;
+            peer.state.last_sent_heads = last_sent;
         }
-        spoke.insert(conn);
+        if had_changes || request || peer.last_sent.is_none() {
+            urgent.insert(conn);
+        } else {
+            peer.due = true;
+        }
         if !exists && doc.get_heads().is_empty() && (request || their_heads_empty) {
             unavailable.insert(conn);
         }
     }
     let doc_empty = doc.get_heads().is_empty();
+    let mut next_due: Option<std::time::Instant> = None;
     let mut conns: Vec<ConnId> = peers.keys().copied().collect();
     conns.sort_unstable();
     for conn in conns {
-        if unavailable.contains(&conn) {
-            out.push((conn, Outgoing::Unavailable { doc: id.clone() }));
-            continue;
-        }
-        if !(changed || spoke.contains(&conn)) {
-            continue;
-        }
-        let Some(state) = peers.get_mut(&conn) else {
+        let Some(peer) = peers.get_mut(&conn) else {
             continue;
         };
-        let they_have_nothing = state.their_heads.as_ref().is_none_or(|h| h.is_empty());
-        if doc_empty && they_have_nothing {
+        if unavailable.contains(&conn) {
+            out.push((conn, Outgoing::Unavailable { doc: id.clone() }));
+            peer.due = false;
             continue;
         }
-        let generated = doc.generate_sync_message(state);
-        tracing::debug!(doc = %id, conn, sent = generated.is_some(), "repo sync generated");
-        if let Some(msg) = generated {
+        let is_urgent = urgent.contains(&conn);
+        if !(is_urgent || changed || peer.due) {
+            continue;
+        }
+        let they_have_nothing = peer.state.their_heads.as_ref().is_none_or(|h| h.is_empty());
+        if doc_empty && they_have_nothing {
+            peer.due = false;
+            continue;
+        }
+        if !is_urgent {
+            if let Some(ready_at) = peer.last_sent.map(|t| t + interval).filter(|t| *t > now) {
+                peer.due = true;
+                next_due = Some(next_due.map_or(ready_at, |d| d.min(ready_at)));
+                continue;
+            }
+        }
+        peer.due = false;
+        if let Some(msg) = doc.generate_sync_message(&mut peer.state) {
+            peer.last_sent = Some(now);
             out.push((
                 conn,
                 Outgoing::Sync {
@@ -1137,5 +1193,5 @@ fn repo_exchange(
             ));
         }
     }
-    out
+    (out, next_due)
 }

@@ -93,8 +93,25 @@ impl Stats {
     }
 }
 
+/// Tuning of the document layer.
+#[derive(Debug, Clone)]
+pub struct DocConfig {
+    /// Least time between two sync messages to one automerge-repo peer, except for answers to
+    /// its own changes and requests (those go at once).
+    pub repo_sync_interval: Duration,
+}
+
+impl Default for DocConfig {
+    fn default() -> Self {
+        Self {
+            repo_sync_interval: Duration::from_millis(25),
+        }
+    }
+}
+
 pub(super) struct Inner {
     pub(super) store: Arc<dyn Store>,
+    pub(super) config: DocConfig,
     pub(super) stats: Stats,
     owners: DashMap<DocId, OwnerHandle>,
     generations: AtomicU64,
@@ -165,9 +182,14 @@ pub struct Documents {
 
 impl Documents {
     pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_config(store, DocConfig::default())
+    }
+
+    pub fn with_config(store: Arc<dyn Store>, config: DocConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
+                config,
                 stats: Stats::default(),
                 owners: DashMap::new(),
                 generations: AtomicU64::new(1),
