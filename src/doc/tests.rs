@@ -98,7 +98,7 @@ impl Peer {
     async fn sync_with(&mut self, docs: &Documents, id: &DocId) {
         self.send(docs, id, false).await;
         loop {
-            let out = match tokio::time::timeout(Duration::from_millis(300), self.rx.recv()).await {
+            let out = match tokio::time::timeout(Duration::from_millis(0), self.rx.recv()).await {
                 Ok(Some(out)) => out,
                 _ => break,
             };
@@ -206,4 +206,60 @@ async fn changes_from_one_peer_reach_the_others() {
     assert_eq!(a.doc.get_heads(), b.doc.get_heads());
     let v = a.doc.get(ROOT, "n").unwrap().map(|(v, _)| v.as_i64());
     assert_eq!(v, Some(Some(2)));
+}
+
+#[tokio::test]
+async fn pushes_to_a_quiet_peer_are_coalesced_by_the_interval() {
+    let docs = Documents::with_config(
+        Arc::new(MemoryStore::new()),
+        DocConfig {
+            repo_sync_interval: Duration::from_millis(300),
+        },
+    );
+    let id = DocId::parse("coalesced").unwrap();
+    let mut watcher = Peer::new(&docs, "watcher");
+    let mut writer = AutoCommit::new();
+    writer.put(ROOT, "n", 0).unwrap();
+    let upload = parse_upload(writer.save().into()).unwrap();
+    docs.write(&id, upload, Precondition::None, None)
+        .await
+        .unwrap();
+    watcher.sync_with(&docs, &id).await;
+    assert_eq!(watcher.doc.get_heads(), writer.get_heads());
+
+    // Ten writes in quick succession, the peer answering everything it gets at once: without
+    // the interval it would get a message per write; with it, the pushes are coalesced.
+    let mut messages = 0;
+    let mut receive = |watcher: &mut Peer, data: Vec<u8>| {
+        messages += 1;
+        watcher
+            .doc
+            .sync()
+            .receive_sync_message(&mut watcher.state, sync::Message::decode(&data).unwrap())
+            .unwrap();
+    };
+    for i in 1..=10 {
+        let heads = writer.get_heads();
+        writer.put(ROOT, "n", i).unwrap();
+        let upload = parse_upload(writer.save_after(&heads).into()).unwrap();
+        docs.write(&id, upload, Precondition::None, None)
+            .await
+            .unwrap();
+        while let Ok(Some(out)) =
+            tokio::time::timeout(Duration::from_millis(20), watcher.rx.recv()).await
+        {
+            if let Outgoing::Sync { data, .. } = out {
+                receive(&mut watcher, data);
+                watcher.send(&docs, &id, false).await;
+            }
+        }
+    }
+    while watcher.doc.get_heads() != writer.get_heads() {
+        let Outgoing::Sync { data, .. } = watcher.next().await else {
+            panic!("expected a sync")
+        };
+        receive(&mut watcher, data);
+        watcher.send(&docs, &id, false).await;
+    }
+    assert!(messages <= 4, "{messages} messages for 10 writes");
 }
