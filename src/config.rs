@@ -74,6 +74,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_PING_SECS", default_value_t = 5)]
     pub ping_secs: u64,
 
+    /// Estimated memory hot documents may use; past it, idle documents (no subscribers, no
+    /// pending writes) are evicted least-recently-used first and reloaded on demand.
+    #[arg(long, env = "RELAY_MEMORY_BUDGET", default_value = "512MiB", value_parser = parse_size)]
+    pub memory_budget: usize,
+
     /// Least milliseconds between two sync messages the relay pushes to one automerge-repo
     /// peer (answers to a peer's own changes and requests are never held back).
     #[arg(long, env = "RELAY_REPO_SYNC_INTERVAL_MS", default_value_t = 25)]

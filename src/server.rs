@@ -46,6 +46,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         store,
         DocConfig {
             repo_sync_interval: Duration::from_millis(args.repo_sync_interval_ms),
+            memory_budget: args.memory_budget as u64,
         },
     );
     let tasks = TaskTracker::new();

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::etag::etag_for;
 use super::peer::{Outgoing, PeerLink};
-use super::registry::{Inner, Precondition};
+use super::registry::{Gauge, Inner, Precondition};
 use super::ConnId;
 use crate::error::RelayError;
 use crate::id::DocId;
@@ -121,6 +121,8 @@ pub enum Command {
     RepoDetach {
         conn: ConnId,
     },
+    /// The memory budget is exceeded: leave memory once idle (reloaded on demand).
+    Evict,
 }
 
 /// One received repo sync message: (connection, message without its changes, was it a
@@ -194,6 +196,9 @@ pub(super) struct Owner {
     snapshot_pending: bool,
     /// When peers held back by the repo push interval are due.
     repo_flush_at: Option<tokio::time::Instant>,
+    /// Shared with the registry: memory estimate, last use, pinned, for the evictor.
+    gauge: Arc<Gauge>,
+    evict_requested: bool,
 }
 
 /// What the blocking half of a turn hands back.
@@ -237,6 +242,7 @@ impl Owner {
         inner: Arc<Inner>,
         rx: mpsc::Receiver<Command>,
         hint: watch::Sender<Hint>,
+        gauge: Arc<Gauge>,
     ) -> Self {
         Self {
             id,
@@ -257,6 +263,8 @@ impl Owner {
             in_flight: None,
             snapshot_pending: false,
             repo_flush_at: None,
+            gauge,
+            evict_requested: false,
         }
     }
 
@@ -277,8 +285,15 @@ impl Owner {
                             self.reload().await;
                         }
                     }
-                    if self.should_retire() && self.inner.retire(&self.id, self.generation) {
-                        self.hand_over_leftovers().await;
+                    if self.try_retire().await {
+                        return;
+                    }
+                    continue;
+                }
+                result = wait_compaction(&mut self.compaction) => {
+                    self.compaction = None;
+                    self.finish_compaction(result);
+                    if self.try_retire().await {
                         return;
                     }
                     continue;
@@ -300,21 +315,56 @@ impl Owner {
                 self.load().await;
             }
             self.handle(cmds).await;
-            if self.should_retire() && self.inner.retire(&self.id, self.generation) {
-                self.hand_over_leftovers().await;
+            if self.try_retire().await {
                 return;
             }
         }
     }
 
-    /// A document that does not exist and has nobody listening needs no owner.
+    /// Leaves the registry when there is no reason to stay; true when the owner must exit.
+    async fn try_retire(&mut self) -> bool {
+        self.update_gauge();
+        if !self.should_retire() || !self.inner.retire(&self.id, self.generation) {
+            return false;
+        }
+        if self.exists {
+            self.inner.stats.evicted();
+            tracing::debug!(doc = %self.id, "evicted from memory");
+        }
+        self.hand_over_leftovers().await;
+        true
+    }
+
+    /// Nobody listens and nothing is in flight: an owner may go if its document does not
+    /// exist, or if the memory budget asked it to (the document is reloaded on demand).
     fn should_retire(&self) -> bool {
-        !self.exists
-            && self.subscribers.is_empty()
+        self.is_idle() && (!self.exists || self.evict_requested)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.subscribers.is_empty()
             && self.repo_links.is_empty()
             && self.in_flight.is_none()
             && self.compaction.is_none()
             && self.load_error.is_none()
+    }
+
+    /// Estimated memory of the hot document: its stored size times a factor measured for
+    /// automerge's in-memory form, plus a fixed per-owner cost.
+    fn memory_estimate(&self) -> u64 {
+        let stored: usize = self.chunks.iter().map(|(_, len)| *len).sum();
+        let cached = self.cached_save.as_ref().map_or(0, |b| b.len());
+        super::registry::OWNER_BASE_BYTES
+            + (stored as u64) * super::registry::DOC_BYTES_FACTOR
+            + cached as u64
+    }
+
+    fn update_gauge(&self) {
+        self.gauge
+            .bytes
+            .store(self.memory_estimate(), Ordering::Relaxed);
+        self.gauge.touch();
+        self.gauge.pinned.store(!self.is_idle(), Ordering::Relaxed);
     }
 
     /// After the registry dropped us, commands sent through clones taken before that are
@@ -427,6 +477,7 @@ impl Owner {
                     self.repo_links.remove(&conn);
                     self.repo_states.remove(&conn);
                 }
+                Command::Evict => self.evict_requested = true,
             }
         }
         // An empty segment still runs when repo peers are due (a flush turn).
@@ -762,15 +813,17 @@ impl Owner {
     }
 
     fn collect_compaction(&mut self) {
-        let Some(handle) = self.compaction.as_ref() else {
-            return;
-        };
-        if !handle.is_finished() {
-            return;
+        let finished = self.compaction.as_ref().is_some_and(|h| h.is_finished());
+        if let Some(result) = finished
+            .then(|| self.compaction.take())
+            .flatten()
+            .and_then(|h| h.now_or_never())
+        {
+            self.finish_compaction(result);
         }
-        let Some(result) = self.compaction.take().and_then(|h| h.now_or_never()) else {
-            return;
-        };
+    }
+
+    fn finish_compaction(&mut self, result: CompactionResult) {
         self.snapshot_pending = false;
         match result {
             Ok(Ok((key, len, replaced))) => {
@@ -793,6 +846,17 @@ async fn wait_persist(turn: &mut Turn) -> Result<Option<Persisted>, RelayError> 
         Ok(Ok(done)) => Ok(Some(done)),
         Ok(Err(e)) => Err(RelayError::Storage(e.to_string())),
         Err(e) => Err(RelayError::Storage(format!("storage task failed: {e}"))),
+    }
+}
+
+type CompactionResult =
+    Result<Result<(ChunkKey, usize, Vec<ChunkKey>), StoreError>, tokio::task::JoinError>;
+
+/// The running compaction's result; never resolves when there is none.
+async fn wait_compaction(compaction: &mut Option<Compaction>) -> CompactionResult {
+    match compaction {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -827,7 +891,7 @@ impl Command {
             Command::Subscribe { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
-            Command::RepoSync { .. } | Command::RepoDetach { .. } => {}
+            Command::RepoSync { .. } | Command::RepoDetach { .. } | Command::Evict => {}
         }
     }
 }

@@ -5,7 +5,7 @@
 //! is done under the map's lock, and commands that raced with it are forwarded to the next
 //! owner, so a document never has two owners at once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,36 @@ struct OwnerHandle {
     generation: u64,
     tx: mpsc::Sender<Command>,
     hint: watch::Receiver<Hint>,
+    gauge: Arc<Gauge>,
+}
+
+/// Fixed memory of one hot document's owner (task, queues, bookkeeping), in bytes.
+pub(super) const OWNER_BASE_BYTES: u64 = 8 * 1024;
+/// A hot document takes about this many times its stored size in memory.
+pub(super) const DOC_BYTES_FACTOR: u64 = 4;
+
+/// What the evictor needs to know about one owner, updated by the owner after every turn.
+#[derive(Default, Debug)]
+pub(super) struct Gauge {
+    pub(super) bytes: AtomicU64,
+    /// Milliseconds since the process started, at the owner's last turn.
+    pub(super) last_used: AtomicU64,
+    /// Has subscribers, repo peers or work in flight: never evicted.
+    pub(super) pinned: AtomicBool,
+}
+
+impl Gauge {
+    pub(super) fn touch(&self) {
+        self.last_used.store(uptime_ms(), Ordering::Relaxed);
+    }
+}
+
+fn uptime_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// Counters for benchmarks and operators.
@@ -51,6 +81,7 @@ pub struct Stats {
     loads: AtomicU64,
     compactions: AtomicU64,
     overflows: AtomicU64,
+    evictions: AtomicU64,
 }
 
 #[derive(Serialize, Debug, Clone, Copy)]
@@ -62,6 +93,10 @@ pub struct StatsSnapshot {
     pub persist_micros: u64,
     pub loads: u64,
     pub compactions: u64,
+    /// Idle documents dropped from memory to stay within the budget.
+    pub evictions: u64,
+    /// Estimated memory of the hot documents, in bytes.
+    pub hot_bytes: u64,
     /// Events dropped for full subscriber queues (each followed by a catch-up).
     pub subscriber_overflows: u64,
     pub hot_documents: u64,
@@ -85,6 +120,9 @@ impl Stats {
     pub(super) fn loaded(&self) {
         self.loads.fetch_add(1, Ordering::Relaxed);
     }
+    pub(super) fn evicted(&self) {
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+    }
     pub(super) fn overflowed(&self) {
         self.overflows.fetch_add(1, Ordering::Relaxed);
     }
@@ -99,12 +137,15 @@ pub struct DocConfig {
     /// Least time between two sync messages to one automerge-repo peer, except for answers to
     /// its own changes and requests (those go at once).
     pub repo_sync_interval: Duration,
+    /// Estimated memory the hot documents may use before idle ones are evicted.
+    pub memory_budget: u64,
 }
 
 impl Default for DocConfig {
     fn default() -> Self {
         Self {
             repo_sync_interval: Duration::from_millis(25),
+            memory_budget: 512 << 20,
         }
     }
 }
@@ -131,12 +172,22 @@ impl Inner {
                     epoch: self.next_epoch(),
                     heads: Vec::new(),
                 });
-                let owner = Owner::new(id.clone(), generation, self.clone(), rx, hint_tx);
+                let gauge = Arc::new(Gauge::default());
+                gauge.touch();
+                let owner = Owner::new(
+                    id.clone(),
+                    generation,
+                    self.clone(),
+                    rx,
+                    hint_tx,
+                    gauge.clone(),
+                );
                 tokio::spawn(owner.run());
                 OwnerHandle {
                     generation,
                     tx,
                     hint,
+                    gauge,
                 }
             })
             .tx
@@ -158,6 +209,48 @@ impl Inner {
             }
         }
         cmd.fail(RelayError::Internal("document owner unavailable".into()));
+    }
+
+    /// Estimated memory of all hot documents.
+    fn hot_bytes(&self) -> u64 {
+        self.owners
+            .iter()
+            .map(|h| h.gauge.bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Asks the least recently used idle owners to leave until the estimate is back under
+    /// 90% of the budget. Owners decide for themselves (they may have become busy).
+    fn evict_over_budget(&self) {
+        let budget = self.config.memory_budget;
+        let total = self.hot_bytes();
+        if total <= budget {
+            return;
+        }
+        let mut idle: Vec<(u64, u64, mpsc::Sender<Command>)> = self
+            .owners
+            .iter()
+            .filter(|h| !h.gauge.pinned.load(Ordering::Relaxed))
+            .map(|h| {
+                (
+                    h.gauge.last_used.load(Ordering::Relaxed),
+                    h.gauge.bytes.load(Ordering::Relaxed),
+                    h.tx.clone(),
+                )
+            })
+            .collect();
+        idle.sort_unstable_by_key(|(used, _, _)| *used);
+        let target = budget / 10 * 9;
+        let mut projected = total;
+        for (_, bytes, tx) in idle {
+            if projected <= target {
+                break;
+            }
+            if tx.try_send(Command::Evict).is_ok() {
+                projected = projected.saturating_sub(bytes);
+            }
+        }
+        tracing::debug!(total, budget, projected, "evicting idle documents");
     }
 
     /// A number never handed out before (owner generations and document epochs).
@@ -186,14 +279,27 @@ impl Documents {
     }
 
     pub fn with_config(store: Arc<dyn Store>, config: DocConfig) -> Self {
+        let inner = Arc::new(Inner {
+            store,
+            config,
+            stats: Stats::default(),
+            owners: DashMap::new(),
+            generations: AtomicU64::new(1),
+        });
+        // The evictor: checks the budget a few times a second; stops with the registry.
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                inner.evict_over_budget();
+            }
+        });
         Self {
-            inner: Arc::new(Inner {
-                store,
-                config,
-                stats: Stats::default(),
-                owners: DashMap::new(),
-                generations: AtomicU64::new(1),
-            }),
+            inner,
             conn_ids: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -318,6 +424,8 @@ impl Documents {
             persist_micros: s.persist_micros.load(Ordering::Relaxed),
             loads: s.loads.load(Ordering::Relaxed),
             compactions: s.compactions.load(Ordering::Relaxed),
+            evictions: s.evictions.load(Ordering::Relaxed),
+            hot_bytes: self.inner.hot_bytes(),
             subscriber_overflows: s.overflows.load(Ordering::Relaxed),
             hot_documents: self.inner.owners.len() as u64,
         }

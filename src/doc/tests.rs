@@ -87,6 +87,35 @@ impl Peer {
         true
     }
 
+    /// Applies one pushed sync message and answers it; returns false for other messages.
+    async fn take(&mut self, docs: &Documents, id: &DocId, out: Outgoing) -> bool {
+        let Outgoing::Sync { data, .. } = out else {
+            return false;
+        };
+        let msg = sync::Message::decode(&data).unwrap();
+        self.doc
+            .sync()
+            .receive_sync_message(&mut self.state, msg)
+            .unwrap();
+        self.send(docs, id, false).await;
+        true
+    }
+
+    /// Exchanges messages until this peer has `heads`; returns how many it received.
+    async fn converge(
+        &mut self,
+        docs: &Documents,
+        id: &DocId,
+        heads: &[automerge::ChangeHash],
+    ) -> usize {
+        let mut received = 0;
+        while self.doc.get_heads() != heads {
+            let out = self.next().await;
+            received += usize::from(self.take(docs, id, out).await);
+        }
+        received
+    }
+
     async fn next(&mut self) -> Outgoing {
         tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
             .await
@@ -98,7 +127,7 @@ impl Peer {
     async fn sync_with(&mut self, docs: &Documents, id: &DocId) {
         self.send(docs, id, false).await;
         loop {
-            let out = match tokio::time::timeout(Duration::from_millis(0), self.rx.recv()).await {
+            let out = match tokio::time::timeout(Duration::from_millis(300), self.rx.recv()).await {
                 Ok(Some(out)) => out,
                 _ => break,
             };
@@ -214,6 +243,7 @@ async fn pushes_to_a_quiet_peer_are_coalesced_by_the_interval() {
         Arc::new(MemoryStore::new()),
         DocConfig {
             repo_sync_interval: Duration::from_millis(300),
+            ..DocConfig::default()
         },
     );
     let id = DocId::parse("coalesced").unwrap();
@@ -224,20 +254,12 @@ async fn pushes_to_a_quiet_peer_are_coalesced_by_the_interval() {
     docs.write(&id, upload, Precondition::None, None)
         .await
         .unwrap();
-    watcher.sync_with(&docs, &id).await;
-    assert_eq!(watcher.doc.get_heads(), writer.get_heads());
+    watcher.send(&docs, &id, false).await;
+    watcher.converge(&docs, &id, &writer.get_heads()).await;
 
     // Ten writes in quick succession, the peer answering everything it gets at once: without
     // the interval it would get a message per write; with it, the pushes are coalesced.
     let mut messages = 0;
-    let mut receive = |watcher: &mut Peer, data: Vec<u8>| {
-        messages += 1;
-        watcher
-            .doc
-            .sync()
-            .receive_sync_message(&mut watcher.state, sync::Message::decode(&data).unwrap())
-            .unwrap();
-    };
     for i in 1..=10 {
         let heads = writer.get_heads();
         writer.put(ROOT, "n", i).unwrap();
@@ -248,18 +270,9 @@ async fn pushes_to_a_quiet_peer_are_coalesced_by_the_interval() {
         while let Ok(Some(out)) =
             tokio::time::timeout(Duration::from_millis(20), watcher.rx.recv()).await
         {
-            if let Outgoing::Sync { data, .. } = out {
-                receive(&mut watcher, data);
-                watcher.send(&docs, &id, false).await;
-            }
+            messages += usize::from(watcher.take(&docs, &id, out).await);
         }
     }
-    while watcher.doc.get_heads() != writer.get_heads() {
-        let Outgoing::Sync { data, .. } = watcher.next().await else {
-            panic!("expected a sync")
-        };
-        receive(&mut watcher, data);
-        watcher.send(&docs, &id, false).await;
-    }
+    messages += watcher.converge(&docs, &id, &writer.get_heads()).await;
     assert!(messages <= 4, "{messages} messages for 10 writes");
 }
