@@ -81,7 +81,7 @@ pub struct ServeArgs {
 
     /// Least milliseconds between two sync messages the relay pushes to one automerge-repo
     /// peer (answers to a peer's own changes and requests are never held back).
-    #[arg(long, env = "RELAY_REPO_SYNC_INTERVAL_MS", default_value_t = 25)]
+    #[arg(long, env = "RELAY_REPO_SYNC_INTERVAL_MS", default_value_t = 50)]
     pub repo_sync_interval_ms: u64,
 
     /// Seconds to wait for in-flight work at shutdown before exiting anyway.

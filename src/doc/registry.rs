@@ -144,7 +144,7 @@ pub struct DocConfig {
 impl Default for DocConfig {
     fn default() -> Self {
         Self {
-            repo_sync_interval: Duration::from_millis(25),
+            repo_sync_interval: Duration::from_millis(50),
             memory_budget: 512 << 20,
         }
     }
