@@ -62,6 +62,24 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MAX_BODY", default_value = "16MiB", value_parser = parse_size)]
     pub max_body: usize,
 
+    /// Largest a document may grow to (stored size); a write past it gets 413 and the
+    /// document stays as it was.
+    #[arg(long, env = "RELAY_MAX_DOC_SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub max_doc_size: usize,
+
+    /// Live connections (WebSocket and SSE) the server accepts in all; more get 503.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Live per-document WebSocket and SSE connections to one document; more get 503.
+    #[arg(long, env = "RELAY_MAX_DOC_CONNECTIONS", default_value_t = 2_000)]
+    pub max_doc_connections: usize,
+
+    /// Messages per second one WebSocket may send (bursts of twice that pass); a socket
+    /// that keeps exceeding it is closed with 1008.
+    #[arg(long, env = "RELAY_MAX_MESSAGES_PER_SEC", default_value_t = 200)]
+    pub max_messages_per_sec: u32,
+
     /// Allowed CORS origins, comma-separated; default: any origin.
     #[arg(long, env = "RELAY_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<String>,

@@ -25,6 +25,10 @@ pub enum RelayError {
     NoChanges,
     #[error("the body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("the merged document would exceed the limit of {limit} bytes; nothing was stored")]
+    DocTooLarge { limit: u64 },
+    #[error("too many live connections ({0}); try again later")]
+    TooManyConnections(&'static str),
     #[error("the document does not match the precondition (If-Match / If-None-Match)")]
     PreconditionFailed,
     #[error("bad ?since= parameter: {0}")]
@@ -51,6 +55,8 @@ impl RelayError {
             RelayError::InvalidBody(_) => "invalid_automerge",
             RelayError::NoChanges => "no_changes",
             RelayError::TooLarge { .. } => "too_large",
+            RelayError::DocTooLarge { .. } => "document_too_large",
+            RelayError::TooManyConnections(_) => "too_many_connections",
             RelayError::PreconditionFailed => "precondition_failed",
             RelayError::BadSince(_) => "bad_since",
             RelayError::BadRequest(_) => "bad_request",
@@ -70,7 +76,10 @@ impl RelayError {
             | RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RelayError::NotFound | RelayError::NoRoute => StatusCode::NOT_FOUND,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            RelayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RelayError::TooLarge { .. } | RelayError::DocTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            RelayError::TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             RelayError::Storage(_) | RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             RelayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -85,7 +94,12 @@ impl RelayError {
 
 impl IntoResponse for RelayError {
     fn into_response(self) -> Response {
-        if self.status().is_server_error() {
+        if matches!(
+            self,
+            RelayError::DocTooLarge { .. } | RelayError::TooManyConnections(_)
+        ) {
+            tracing::warn!(error = %self, "limit reached");
+        } else if self.status().is_server_error() {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::debug!(error = %self, "request rejected");

@@ -49,6 +49,8 @@ pub struct Limits {
     pub max_body: usize,
     pub subscriber_queue: usize,
     pub ping_interval: std::time::Duration,
+    pub max_messages_per_sec: u32,
+    pub connections: Arc<crate::limits::ConnectionLimits>,
 }
 
 const ABOUT: &str = "automerge-relay: a merge-on-write server for Automerge documents.
@@ -112,7 +114,8 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(cors)
-        .layer(TraceLayer::new_for_http()))
+        // Failures are logged by RelayError itself, at the level they deserve.
+        .layer(TraceLayer::new_for_http().on_failure(())))
 }
 
 async fn root(
@@ -120,7 +123,10 @@ async fn root(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => crate::repo::socket::upgrade(ws, state),
+        Ok(ws) => match state.limits.connections.acquire(None) {
+            Ok(slot) => crate::repo::socket::upgrade(ws, state, slot),
+            Err(e) => e.into_response(),
+        },
         Err(_) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ABOUT).into_response(),
     }
 }
@@ -202,10 +208,12 @@ async fn get_doc(
 ) -> Result<Response, RelayError> {
     let id = doc_id(path)?;
     if let Ok(ws) = ws {
-        return Ok(crate::ws_doc::upgrade(ws, state, id));
+        let slot = state.limits.connections.acquire(Some(&id))?;
+        return Ok(crate::ws_doc::upgrade(ws, state, id, slot));
     }
     if crate::sse::wants_sse(&headers) {
-        return crate::sse::stream(state, id).await;
+        let slot = state.limits.connections.acquire(Some(&id))?;
+        return crate::sse::stream(state, id, slot).await;
     }
     let since = q.get("since").map(|s| parse_heads(s)).transpose()?;
     let ReadOutcome::Found { bytes, etag, .. } = state.docs.read(&id, since).await? else {

@@ -11,6 +11,7 @@ pub mod doc;
 pub mod error;
 pub mod http;
 pub mod id;
+pub mod limits;
 pub mod live;
 pub mod repo;
 pub mod server;

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ServeArgs, StoreKind};
 use crate::doc::{DocConfig, Documents};
 use crate::http::{router, AppState, Limits};
+use crate::limits::ConnectionLimits;
 use crate::repo::hub::Hub;
 use crate::storage::{MemoryStore, SledStore, Store};
 
@@ -47,6 +48,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         DocConfig {
             repo_sync_interval: Duration::from_millis(args.repo_sync_interval_ms),
             memory_budget: args.memory_budget as u64,
+            max_doc_size: args.max_doc_size as u64,
         },
     );
     let tasks = TaskTracker::new();
@@ -59,6 +61,8 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
             max_body: args.max_body,
             subscriber_queue: args.subscriber_queue,
             ping_interval: args.ping_interval(),
+            max_messages_per_sec: args.max_messages_per_sec,
+            connections: ConnectionLimits::new(args.max_connections, args.max_doc_connections),
         }),
     };
     let app = router(state, &args.cors_origin).map_err(ServeError::Config)?;

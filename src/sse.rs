@@ -26,41 +26,51 @@ pub fn wants_sse(headers: &axum::http::HeaderMap) -> bool {
         .any(|v| v.contains("text/event-stream"))
 }
 
-pub async fn stream(state: AppState, id: DocId) -> Result<Response, RelayError> {
+pub async fn stream(
+    state: AppState,
+    id: DocId,
+    slot: crate::limits::ConnectionGuard,
+) -> Result<Response, RelayError> {
     // Subscribe before answering: once the client sees the headers, no change is missed.
     let (follower, _) =
         Follower::subscribe(&state.docs, &id, state.limits.subscriber_queue).await?;
     let shutdown = state.shutdown.clone();
-    let events = stream::unfold((follower, false), move |(mut follower, done)| {
-        let shutdown = shutdown.clone();
-        async move {
-            if done {
-                return None;
-            }
-            let next = tokio::select! {
-                n = follower.next() => n,
-                _ = shutdown.cancelled() => return None,
-            };
-            let (event, done) = match next {
-                Ok(Some(Delivery::Changes { heads, .. })) => {
-                    let heads: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
-                    (
-                        Event::default()
-                            .event("change")
-                            .data(json!({"heads": heads}).to_string()),
-                        false,
-                    )
+    // The connection slot lives in the stream's state: released when the stream ends.
+    let events = stream::unfold(
+        (follower, false, slot),
+        move |(mut follower, done, slot)| {
+            let shutdown = shutdown.clone();
+            async move {
+                if done {
+                    return None;
                 }
-                Ok(Some(Delivery::Deleted)) => (Event::default().event("deleted").data("{}"), true),
-                Ok(None) => return None,
-                Err(e) => (
-                    Event::default().event("error").data(e.body().to_string()),
-                    false,
-                ),
-            };
-            Some((Ok::<_, Infallible>(event), (follower, done)))
-        }
-    });
+                let next = tokio::select! {
+                    n = follower.next() => n,
+                    _ = shutdown.cancelled() => return None,
+                };
+                let (event, done) = match next {
+                    Ok(Some(Delivery::Changes { heads, .. })) => {
+                        let heads: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
+                        (
+                            Event::default()
+                                .event("change")
+                                .data(json!({"heads": heads}).to_string()),
+                            false,
+                        )
+                    }
+                    Ok(Some(Delivery::Deleted)) => {
+                        (Event::default().event("deleted").data("{}"), true)
+                    }
+                    Ok(None) => return None,
+                    Err(e) => (
+                        Event::default().event("error").data(e.body().to_string()),
+                        false,
+                    ),
+                };
+                Some((Ok::<_, Infallible>(event), (follower, done, slot)))
+            }
+        },
+    );
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())

@@ -52,6 +52,19 @@ impl Upload {
     pub fn change_count(&self) -> usize {
         self.doc_hashes.len() + self.changes.len()
     }
+
+    /// An upper bound of the bytes this upload can add to a document whose hint has `epoch`:
+    /// the raw size of the changes that may be new, or the whole upload.
+    pub fn growth_bound(&self, epoch: u64) -> u64 {
+        let raw = |changes: &[Change]| -> u64 {
+            changes.iter().map(|c| c.raw_bytes().len() as u64).sum()
+        };
+        match &self.doc_delta {
+            _ if !self.has_doc_chunks => raw(&self.changes),
+            Some((e, delta)) if *e == epoch => raw(delta) + raw(&self.changes),
+            _ => self.bytes.len() as u64,
+        }
+    }
 }
 
 /// Splits `bytes` into chunk slices, checking only the framing.

@@ -20,6 +20,7 @@ use crate::doc::{Documents, Precondition};
 use crate::error::RelayError;
 use crate::http::{validate, AppState};
 use crate::id::DocId;
+use crate::limits::{ConnectionGuard, RateLimit, CLOSE_RATE_LIMIT};
 use crate::live::{Delivery, Follower, Keepalive, CLOSE_FELL_BEHIND};
 
 /// Close code sent when the document is deleted.
@@ -39,11 +40,17 @@ pub fn configure(ws: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
         .max_frame_size(max_message)
 }
 
-pub fn upgrade(ws: WebSocketUpgrade, state: AppState, id: DocId) -> Response {
+pub fn upgrade(
+    ws: WebSocketUpgrade,
+    state: AppState,
+    id: DocId,
+    slot: ConnectionGuard,
+) -> Response {
     let max = state.limits.max_body;
     let tasks = state.tasks.clone();
     configure(ws, max).on_upgrade(move |socket| {
         tasks.track_future(async move {
+            let _slot = slot;
             if let Err(e) = serve(socket, state, id.clone()).await {
                 tracing::debug!(doc = %id, error = %e, "document socket ended");
             }
@@ -104,10 +111,15 @@ async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum
     let mut ping = keepalive.timer();
     let shutdown = state.shutdown.clone();
     let mut following = true;
+    let mut rate = RateLimit::per_second(state.limits.max_messages_per_sec);
     loop {
         tokio::select! {
             msg = stream.next(), if in_flight.len() < MAX_IN_FLIGHT => {
                 keepalive.seen();
+                if matches!(msg, Some(Ok(Message::Binary(_) | Message::Text(_)))) && !rate.allow() {
+                    tracing::warn!(doc = %id, "closing a socket over its message rate");
+                    return sink.send(close(CLOSE_RATE_LIMIT, "message rate limit exceeded")).await;
+                }
                 match msg {
                     Some(Ok(Message::Binary(data))) => {
                         in_flight.push_back(write_one(state.docs.clone(), id.clone(), conn, data));

@@ -68,3 +68,145 @@ async fn idle_documents_are_evicted_over_budget_and_reload_identically() {
         "evicted documents were reloaded: {after}"
     );
 }
+
+async fn ws(relay: &Relay, path: &str) -> Result<WsStream, u16> {
+    match tokio_tungstenite::connect_async(relay.ws_url(path)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("unexpected websocket error: {e}"),
+    }
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+#[tokio::test]
+async fn connection_limits_refuse_with_503_and_free_slots_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(
+        dir.path(),
+        &["--max-connections", "3", "--max-doc-connections", "2"],
+    );
+    let a = ws(&relay, "/busy").await.unwrap();
+    let _b = ws(&relay, "/busy").await.unwrap();
+    assert_eq!(
+        ws(&relay, "/busy").await.err(),
+        Some(503),
+        "per-document limit"
+    );
+    let _c = ws(&relay, "/other").await.unwrap();
+    assert_eq!(ws(&relay, "/third").await.err(), Some(503), "server limit");
+    let r = reqwest::Client::new()
+        .get(relay.url("/third"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "SSE counts too");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_connections");
+
+    // Closing one frees its slot.
+    drop(a);
+    wait_for("a free slot", Duration::from_secs(10), || {
+        let relay = &relay;
+        async move { ws(relay, "/busy").await.ok() }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_socket_over_its_message_rate_is_closed_with_1008() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-messages-per-sec", "5"]);
+    let c = reqwest::Client::new();
+    let doc = base_doc();
+    c.post(relay.url("/chatty"))
+        .body(doc.clone().save())
+        .send()
+        .await
+        .unwrap();
+    let before = c
+        .get(relay.url("/chatty"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut socket = ws(&relay, "/chatty").await.unwrap();
+    for _ in 0..50 {
+        if socket
+            .send(Message::Binary(b"junk".to_vec().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let code = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(msg) = socket.next().await {
+            if let Ok(Message::Close(Some(frame))) = msg {
+                return u16::from(frame.code);
+            }
+        }
+        0
+    })
+    .await
+    .expect("never closed");
+    assert_eq!(code, 1008);
+    let after = c
+        .get(relay.url("/chatty"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(before, after);
+}
+
+#[tokio::test]
+async fn a_write_past_the_document_size_limit_gets_413_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-doc-size", "8KiB"]);
+    let c = reqwest::Client::new();
+    let url = relay.url("/bounded");
+    let mut doc = base_doc();
+    let r = c.post(&url).body(doc.save()).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let before = c.get(&url).send().await.unwrap().bytes().await.unwrap();
+    let heads = doc.get_heads();
+    // 16 KiB of text that does not compress.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let big: String = (0..16 * 1024)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            char::from(b'a' + (seed % 26) as u8)
+        })
+        .collect();
+    add_item(&mut doc, &big);
+    for body in [doc.save_after(&heads), doc.save()] {
+        let r = c.post(&url).body(body).send().await.unwrap();
+        assert_eq!(r.status(), 413);
+        let json: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(json["error"], "document_too_large");
+    }
+    let after = c.get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(before, after, "the refused write changed the document");
+    // Small writes still go through.
+    let mut small = AutoCommit::load(&before).unwrap();
+    let heads = small.get_heads();
+    add_item(&mut small, "small");
+    let r = c
+        .post(&url)
+        .body(small.save_after(&heads))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -514,6 +514,12 @@ impl Owner {
         let id = self.id.clone();
         let epoch = self.epoch();
         let repo_interval = self.inner.config.repo_sync_interval;
+        let size_room = self
+            .inner
+            .config
+            .max_doc_size
+            .saturating_sub(self.chunks.iter().map(|(_, len)| *len as u64).sum::<u64>());
+        let max_doc_size = self.inner.config.max_doc_size;
         let started = std::time::Instant::now();
         let work = tokio::task::spawn_blocking(move || {
             let applied = apply_segment(SegmentInput {
@@ -530,6 +536,8 @@ impl Owner {
                 repo_states,
                 repo,
                 repo_interval,
+                size_room,
+                max_doc_size,
             });
             (applied, stored_pending)
         });
@@ -933,6 +941,9 @@ struct SegmentInput<'a> {
     repo_states: RepoStates,
     repo: Vec<RepoIn>,
     repo_interval: std::time::Duration,
+    /// Bytes the document may still grow by (stored size against `--max-doc-size`).
+    size_room: u64,
+    max_doc_size: u64,
 }
 
 /// The CPU half of a turn: apply every write (one `load_incremental` per run of unconditional
@@ -953,6 +964,8 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
         mut repo_states,
         repo,
         repo_interval,
+        mut size_room,
+        max_doc_size,
     } = input;
     let old_heads = doc.get_heads();
     let mut outcomes: Vec<Option<RelayError>> = Vec::with_capacity(jobs.len());
@@ -961,6 +974,15 @@ fn apply_segment(input: SegmentInput<'_>) -> Applied {
 
     for (i, job) in jobs.iter().enumerate() {
         outcomes.push(None);
+        // The stored size grows by at most the bytes of the changes this upload can add.
+        let growth = job.upload.growth_bound(epoch);
+        if growth > size_room {
+            outcomes[i] = Some(RelayError::DocTooLarge {
+                limit: max_doc_size,
+            });
+            continue;
+        }
+        size_room -= growth;
         match &job.precondition {
             Precondition::None => {
                 group.add(i, &job.upload, epoch);

@@ -139,6 +139,8 @@ pub struct DocConfig {
     pub repo_sync_interval: Duration,
     /// Estimated memory the hot documents may use before idle ones are evicted.
     pub memory_budget: u64,
+    /// Largest stored size a document may grow to; writes past it are refused (413).
+    pub max_doc_size: u64,
 }
 
 impl Default for DocConfig {
@@ -146,6 +148,7 @@ impl Default for DocConfig {
         Self {
             repo_sync_interval: Duration::from_millis(50),
             memory_budget: 512 << 20,
+            max_doc_size: 256 << 20,
         }
     }
 }

@@ -23,16 +23,18 @@ use super::wire::RepoMessage;
 use crate::doc::{Documents, PeerLink};
 use crate::http::{validate, AppState};
 use crate::id::DocId;
+use crate::limits::{ConnectionGuard, RateLimit, CLOSE_RATE_LIMIT};
 use crate::live::{Keepalive, CLOSE_FELL_BEHIND};
 
 /// Messages that may wait for one repo peer.
 const OUTBOUND_QUEUE: usize = 4096;
 
-pub fn upgrade(ws: WebSocketUpgrade, state: AppState) -> Response {
+pub fn upgrade(ws: WebSocketUpgrade, state: AppState, slot: ConnectionGuard) -> Response {
     let max = state.limits.max_body;
     let tasks = state.tasks.clone();
     crate::ws_doc::configure(ws, max).on_upgrade(move |socket| {
         tasks.track_future(async move {
+            let _slot = slot;
             if let Err(e) = serve(socket, state).await {
                 tracing::debug!(error = %e, "repo socket ended");
             }
@@ -69,12 +71,18 @@ async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
     let mut keepalive = Keepalive::new(ping_every);
     let mut ping = keepalive.timer();
     let shutdown = state.shutdown.clone();
+    let mut rate = RateLimit::per_second(state.limits.max_messages_per_sec);
 
     let result: Result<(), axum::Error> = async {
         loop {
             tokio::select! {
                 frame = stream.next() => {
                     keepalive.seen();
+                    if matches!(frame, Some(Ok(Message::Binary(_) | Message::Text(_)))) && !rate.allow() {
+                        tracing::warn!(peer = ?core.peer_id(), "closing a repo peer over its message rate");
+                        sink.send(close(CLOSE_RATE_LIMIT, "message rate limit exceeded".into())).await?;
+                        return Ok(());
+                    }
                     let actions = match frame {
                         Some(Ok(Message::Binary(bytes))) => core.receive(&bytes),
                         Some(Ok(Message::Text(_))) => core.receive(&[]),
