@@ -94,6 +94,7 @@ impl RelayError {
 
 impl IntoResponse for RelayError {
     fn into_response(self) -> Response {
+        crate::metrics::rejected(self.code());
         if matches!(
             self,
             RelayError::DocTooLarge { .. } | RelayError::TooManyConnections(_)

@@ -41,6 +41,8 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Shared state of automerge-repo connections.
     pub hub: Arc<crate::repo::hub::Hub>,
+    /// Renders `/_/metrics` (absent when no recorder could be installed).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Limits and tuning the transports need.
@@ -61,7 +63,7 @@ const ABOUT: &str = "automerge-relay: a merge-on-write server for Automerge docu
   GET    /{id} + WebSocket upgrade      live changes of one document
   GET    /{id} + Accept: text/event-stream   change notifications (SSE)
   GET    /  + WebSocket upgrade          automerge-repo sync protocol
-  GET    /_/health, /_/ready, /_/stats, /_/docs
+  GET    /_/health, /_/ready, /_/metrics, /_/stats, /_/docs
 
 Ids: 1-128 characters of A-Z a-z 0-9 . _ ~ -, not starting with _ or .
 ";
@@ -105,6 +107,7 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String
         .route("/_/health", get(health))
         .route("/_/ready", get(ready))
         .route("/_/stats", get(stats))
+        .route("/_/metrics", get(prometheus))
         .route("/_/docs", get(list_docs))
         .route(
             "/{id}",
@@ -148,6 +151,23 @@ async fn ready(State(state): State<AppState>) -> Response {
 
 async fn stats(State(state): State<AppState>) -> impl IntoResponse {
     Json(state.docs.stats())
+}
+
+async fn prometheus(State(state): State<AppState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return RelayError::NoRoute.into_response();
+    };
+    let s = state.docs.stats();
+    metrics::gauge!("relay_documents_hot").set(s.hot_documents as f64);
+    metrics::gauge!("relay_documents_hot_bytes").set(s.hot_bytes as f64);
+    metrics::gauge!("relay_connections").set(state.limits.connections.live() as f64);
+    metrics::gauge!("relay_subscribers").set(crate::live::followers() as f64);
+    metrics::gauge!("relay_repo_peers").set(state.hub.peer_count() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }
 
 async fn list_docs(

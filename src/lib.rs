@@ -13,6 +13,7 @@ pub mod http;
 pub mod id;
 pub mod limits;
 pub mod live;
+pub mod metrics;
 pub mod repo;
 pub mod server;
 pub mod sse;

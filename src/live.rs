@@ -28,6 +28,14 @@ pub enum Delivery {
     Deleted,
 }
 
+/// Live subscriptions (per-document WebSocket and SSE), for metrics.
+static FOLLOWERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Current number of live subscriptions.
+pub fn followers() -> usize {
+    FOLLOWERS.load(Ordering::Relaxed)
+}
+
 pub struct Follower {
     docs: Documents,
     id: DocId,
@@ -48,6 +56,7 @@ impl Follower {
         let mut sub = docs.subscribe(id, conn, queue).await?;
         let initial = sub.initial.take();
         let last_heads = initial.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
+        FOLLOWERS.fetch_add(1, Ordering::Relaxed);
         let follower = Self {
             docs: docs.clone(),
             id: id.clone(),
@@ -150,5 +159,11 @@ impl Keepalive {
     /// True when the peer has been silent too long.
     pub fn expired(&self) -> bool {
         self.last_seen.elapsed() > self.every * 2 + std::time::Duration::from_millis(500)
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        FOLLOWERS.fetch_sub(1, Ordering::Relaxed);
     }
 }

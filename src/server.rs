@@ -57,6 +57,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         hub: Arc::new(Hub::new(format!("automerge-relay-{}", std::process::id()))),
+        metrics: crate::metrics::install(),
         limits: Arc::new(Limits {
             max_body: args.max_body,
             subscriber_queue: args.subscriber_queue,

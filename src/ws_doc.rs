@@ -63,6 +63,7 @@ fn text(value: serde_json::Value) -> Message {
 }
 
 fn error_message(e: &RelayError) -> Message {
+    crate::metrics::rejected(e.code());
     text(json!({"type": "error", "error": e.code(), "message": e.to_string()}))
 }
 
@@ -118,6 +119,7 @@ async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum
                 keepalive.seen();
                 if matches!(msg, Some(Ok(Message::Binary(_) | Message::Text(_)))) && !rate.allow() {
                     tracing::warn!(doc = %id, "closing a socket over its message rate");
+                    crate::metrics::rejected("rate_limited");
                     return sink.send(close(CLOSE_RATE_LIMIT, "message rate limit exceeded")).await;
                 }
                 match msg {
@@ -134,6 +136,7 @@ async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Err(e)) => {
                         tracing::info!(doc = %id, error = %e, "closing document socket");
+                        crate::metrics::rejected("message_too_big");
                         let _ = sink.send(close(CLOSE_TOO_BIG, "message too big or malformed")).await;
                         return Err(e);
                     }

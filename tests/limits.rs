@@ -210,3 +210,37 @@ async fn a_write_past_the_document_size_limit_gets_413_and_changes_nothing() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn prometheus_metrics_cover_batches_storage_and_rejections() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path());
+    let c = reqwest::Client::new();
+    let doc = base_doc();
+    c.post(relay.url("/metered"))
+        .body(doc.clone().save())
+        .send()
+        .await
+        .unwrap();
+    let r = c
+        .post(relay.url("/metered"))
+        .body("junk")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c.get(relay.url("/_/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    for needle in [
+        "relay_batch_writes_bucket",
+        "relay_apply_seconds_bucket",
+        "relay_persist_seconds_bucket",
+        "relay_rejected_total{reason=\"invalid_automerge\"} 1",
+        "relay_documents_hot 1",
+        "relay_connections 0",
+        "relay_subscribers 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}

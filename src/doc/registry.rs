@@ -105,6 +105,8 @@ pub struct StatsSnapshot {
 impl Stats {
     pub(super) fn batch(&self, writes: usize, apply: Duration) {
         if writes > 0 {
+            metrics::histogram!(crate::metrics::BATCH_WRITES).record(writes as f64);
+            metrics::histogram!(crate::metrics::APPLY_SECONDS).record(apply.as_secs_f64());
             self.batches.fetch_add(1, Ordering::Relaxed);
             self.batched_writes
                 .fetch_add(writes as u64, Ordering::Relaxed);
@@ -113,20 +115,25 @@ impl Stats {
         }
     }
     pub(super) fn persisted(&self, took: Duration) {
+        metrics::histogram!(crate::metrics::PERSIST_SECONDS).record(took.as_secs_f64());
         self.persists.fetch_add(1, Ordering::Relaxed);
         self.persist_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
     pub(super) fn loaded(&self) {
+        metrics::counter!(crate::metrics::LOADED).increment(1);
         self.loads.fetch_add(1, Ordering::Relaxed);
     }
     pub(super) fn evicted(&self) {
+        metrics::counter!(crate::metrics::EVICTED).increment(1);
         self.evictions.fetch_add(1, Ordering::Relaxed);
     }
     pub(super) fn overflowed(&self) {
+        metrics::counter!(crate::metrics::OVERFLOWS).increment(1);
         self.overflows.fetch_add(1, Ordering::Relaxed);
     }
     pub(super) fn compacted(&self) {
+        metrics::counter!(crate::metrics::COMPACTIONS).increment(1);
         self.compactions.fetch_add(1, Ordering::Relaxed);
     }
 }

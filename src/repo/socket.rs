@@ -80,6 +80,7 @@ async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
                     keepalive.seen();
                     if matches!(frame, Some(Ok(Message::Binary(_) | Message::Text(_)))) && !rate.allow() {
                         tracing::warn!(peer = ?core.peer_id(), "closing a repo peer over its message rate");
+                        crate::metrics::rejected("rate_limited");
                         sink.send(close(CLOSE_RATE_LIMIT, "message rate limit exceeded".into())).await?;
                         return Ok(());
                     }
