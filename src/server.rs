@@ -33,9 +33,10 @@ pub enum ServeError {
 /// Opens the configured store.
 pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
     Ok(match args.store {
-        StoreKind::Sled => {
-            Arc::new(SledStore::open(&args.data_dir).map_err(|e| ServeError::Store(e.0))?)
-        }
+        StoreKind::Sled => Arc::new(
+            SledStore::open_with_cache(&args.data_dir, args.store_cache as u64)
+                .map_err(|e| ServeError::Store(e.0))?,
+        ),
         StoreKind::Memory => Arc::new(MemoryStore::new()),
     })
 }

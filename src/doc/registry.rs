@@ -41,10 +41,12 @@ struct OwnerHandle {
     gauge: Arc<Gauge>,
 }
 
-/// Fixed memory of one hot document's owner (task, queues, bookkeeping), in bytes.
-pub(super) const OWNER_BASE_BYTES: u64 = 8 * 1024;
-/// A hot document takes about this many times its stored size in memory.
-pub(super) const DOC_BYTES_FACTOR: u64 = 4;
+/// Fixed memory of one hot document's owner (document, task, queues, bookkeeping), in bytes.
+pub(super) const OWNER_BASE_BYTES: u64 = 48 * 1024;
+/// In-memory bytes per byte of raw changes (incremental chunks).
+pub(super) const RAW_FACTOR: u64 = 2;
+/// In-memory bytes per byte of compressed save (snapshot chunks).
+pub(super) const SNAPSHOT_FACTOR: u64 = 100;
 
 /// What the evictor needs to know about one owner, updated by the owner after every turn.
 #[derive(Default, Debug)]

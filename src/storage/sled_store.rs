@@ -43,10 +43,16 @@ fn parse_key(raw: &[u8]) -> Option<(&str, ChunkKey)> {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, with sled's default page cache (1 GiB).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, 1 << 30)
+    }
+
+    /// Opens the store with a page cache of at most `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| StoreError(format!("cannot open sled store in {}: {e}", dir.display())))?;

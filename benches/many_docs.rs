@@ -1,0 +1,174 @@
+//! Bounded memory with many documents (issue: hardening). Run: `cargo bench --bench many_docs`.
+//!
+//! Writes N small documents once each (default 100,000) to a release relay started with
+//! `--memory-budget 64MiB`, sampling the relay's RSS, then reads every document back and checks
+//! its heads. Reports peak RSS against budget + store cache, the relay's own estimate of hot
+//! memory, and evictions. Options: `--docs N`, `--budget 64MiB`, `--concurrency 64`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ReadDoc, ROOT};
+use futures_util::stream::{self, StreamExt};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn doc_for(i: u64) -> AutoCommit {
+    let mut doc = AutoCommit::new();
+    doc.put(ROOT, "title", format!("document {i}")).unwrap();
+    doc.put(ROOT, "n", i as i64).unwrap();
+    doc.commit();
+    doc
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let docs: u64 = arg("--docs", "100000").parse().unwrap();
+    let budget = arg("--budget", "64MiB");
+    let concurrency: usize = arg("--concurrency", "64").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--memory-budget",
+            &budget,
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start relay");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    let pid = child.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let peak = Arc::new(AtomicU64::new(rss_kib(pid)));
+    let baseline = rss_kib(pid);
+    rt.block_on(async {
+        let sampler = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let c = reqwest::Client::new();
+        let t = Instant::now();
+        stream::iter(0..docs)
+            .for_each_concurrent(concurrency, |i| {
+                let c = c.clone();
+                async move {
+                    let body = doc_for(i).save();
+                    let r = c
+                        .post(format!("http://127.0.0.1:{port}/doc-{i}"))
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 201, "doc-{i}");
+                }
+            })
+            .await;
+        let write_secs = t.elapsed().as_secs_f64();
+        let after_writes = rss_kib(pid);
+        let stats: serde_json::Value = c
+            .get(format!("http://127.0.0.1:{port}/_/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let bad = Arc::new(AtomicU64::new(0));
+        stream::iter(0..docs)
+            .for_each_concurrent(concurrency, |i| {
+                let (c, bad) = (c.clone(), bad.clone());
+                async move {
+                    let bytes = c
+                        .get(format!("http://127.0.0.1:{port}/doc-{i}"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .bytes()
+                        .await
+                        .unwrap();
+                    let ok = AutoCommit::load(&bytes)
+                        .map(|mut d| {
+                            let n = d.get(ROOT, "n").ok().flatten().and_then(|(v, _)| v.as_i64());
+                            n == Some(i as i64) && d.get_heads().len() == 1
+                        })
+                        .unwrap_or(false);
+                    if !ok {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        let read_secs = t.elapsed().as_secs_f64();
+        sampler.abort();
+        let end: serde_json::Value = c
+            .get(format!("http://127.0.0.1:{port}/_/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        println!("{docs} documents, --memory-budget {budget}, store cache 64 MiB (default)");
+        println!("writes: {:.1} s ({:.0}/s); reads: {:.1} s ({:.0}/s)", write_secs, docs as f64 / write_secs, read_secs, docs as f64 / read_secs);
+        println!(
+            "RSS: start {:.1} MiB, after writes {:.1} MiB, peak {:.1} MiB, end {:.1} MiB",
+            mib(baseline),
+            mib(after_writes),
+            mib(peak.load(Ordering::Relaxed)),
+            mib(rss_kib(pid))
+        );
+        println!(
+            "relay's estimate after writes: {} hot documents, {:.1} MiB; evictions {}, loads {} (end: {} evictions, {} loads)",
+            stats["hot_documents"],
+            stats["hot_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0,
+            stats["evictions"],
+            stats["loads"],
+            end["evictions"],
+            end["loads"]
+        );
+        println!("documents read back wrong: {}", bad.load(Ordering::Relaxed));
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
