@@ -7,8 +7,6 @@
 //! Options: `--subscribers N`, `--rate R`, `--seconds S`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,58 +15,8 @@ use automerge::{AutoCommit, Change, ChangeHash, ObjType, ROOT};
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-struct Relay {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_relay() -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start relay");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-    Relay {
-        child,
-        port,
-        _dir: dir,
-    }
-}
+mod support;
+use support::{arg, rss_kib, Relay};
 
 fn hashes(bytes: &[u8]) -> Vec<ChangeHash> {
     automerge_relay::upload::split_chunks(bytes)
@@ -92,15 +40,15 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let subscribers = arg("--subscribers", 1000) as usize;
-    let rate = arg("--rate", 20);
-    let seconds = arg("--seconds", 10);
+    let subscribers: usize = arg("--subscribers", "1000").parse().unwrap();
+    let rate: u64 = arg("--rate", "20").parse().unwrap();
+    let seconds: u64 = arg("--seconds", "10").parse().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let relay = start_relay();
-    let pid = relay.child.id();
+    let relay = Relay::start(&[]);
+    let pid = relay.pid();
     let port = relay.port;
     rt.block_on(async move {
         let c = reqwest::Client::new();

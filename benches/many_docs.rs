@@ -5,8 +5,6 @@
 //! its heads. Reports peak RSS against budget + store cache, the relay's own estimate of hot
 //! memory, and evictions. Options: `--docs N`, `--budget 64MiB`, `--concurrency 64`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,23 +13,8 @@ use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ReadDoc, ROOT};
 use futures_util::stream::{self, StreamExt};
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
+mod support;
+use support::{arg, rss_kib, Relay};
 
 fn doc_for(i: u64) -> AutoCommit {
     let mut doc = AutoCommit::new();
@@ -48,27 +31,9 @@ fn main() {
     let docs: u64 = arg("--docs", "100000").parse().unwrap();
     let budget = arg("--budget", "64MiB");
     let concurrency: usize = arg("--concurrency", "64").parse().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--memory-budget",
-            &budget,
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start relay");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-    let pid = child.id();
+    let relay = Relay::start(&["--memory-budget", &budget]);
+    let port = relay.port;
+    let pid = relay.pid();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -169,6 +134,5 @@ fn main() {
         );
         println!("documents read back wrong: {}", bad.load(Ordering::Relaxed));
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(relay);
 }

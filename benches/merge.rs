@@ -8,12 +8,13 @@
 //!     and the average batch size (from `/_/stats`).
 //! Ratios are against (a), measured in the same run.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, Automerge, Change, ObjType, ReadDoc, ROOT};
+
+mod support;
+use support::{cpu_secs, Relay};
 
 const HISTORY: usize = 20_000;
 const SAMPLES: usize = 200;
@@ -77,40 +78,6 @@ fn floor(base: &AutoCommit) -> Duration {
     percentile(&mut samples, 0.5)
 }
 
-struct Relay {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_relay() -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start relay");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-    Relay {
-        child,
-        port,
-        _dir: dir,
-    }
-}
-
 async fn post(c: &reqwest::Client, url: &str, body: Vec<u8>) -> serde_json::Value {
     let r = c.post(url).body(body).send().await.unwrap();
     assert!(r.status().is_success(), "{}", r.status());
@@ -155,15 +122,6 @@ async fn stats(c: &reqwest::Client, port: u16) -> serde_json::Value {
         .json()
         .await
         .unwrap()
-}
-
-fn cpu_secs(pid: u32) -> f64 {
-    // utime + stime, fields 14 and 15 of /proc/PID/stat, in clock ticks (100 per second here).
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after_comm.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
 }
 
 struct Contention {
@@ -234,7 +192,7 @@ fn main() {
         .unwrap();
     println!("building {HISTORY}-change documents…");
     let docs = [("map", map_doc()), ("list", list_doc())];
-    let relay = start_relay();
+    let relay = Relay::start(&[]);
     let c = reqwest::Client::new();
     println!("\n(a) in-process floor vs (b) relay HTTP POST, p50 of {SAMPLES} samples");
     println!(
@@ -254,7 +212,7 @@ fn main() {
             ms(full)
         );
     }
-    let r = rt.block_on(concurrent_writers(&c, relay.port, relay.child.id(), 10));
+    let r = rt.block_on(concurrent_writers(&c, relay.port, relay.pid(), 10));
     println!("\n(c) 32 concurrent writers, full saves of a small document, 10 s");
     println!(
         "changes merged/s: {:.0}   average batch: {:.1} writes, {:.2} ms apply, {:.2} ms persist",
