@@ -132,7 +132,21 @@ pub fn parse_upload(bytes: Bytes) -> Result<Upload, RelayError> {
 }
 
 /// [`parse_upload`], also computing the document-chunk delta against `hint`.
+///
+/// automerge 0.12 panics on some malformed column data (found by fuzzing) instead of returning
+/// an error; such input is reported as invalid like any other.
 pub fn parse_upload_with(bytes: Bytes, hint: Option<&Hint>) -> Result<Upload, RelayError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        parse_unguarded(bytes, hint)
+    }))
+    .unwrap_or_else(|_| {
+        Err(RelayError::InvalidBody(
+            "malformed Automerge data (the decoder gave up)".into(),
+        ))
+    })
+}
+
+fn parse_unguarded(bytes: Bytes, hint: Option<&Hint>) -> Result<Upload, RelayError> {
     if bytes.is_empty() {
         return Err(RelayError::EmptyBody);
     }
@@ -281,6 +295,32 @@ mod tests {
         let last = flipped.len() - 1;
         flipped[last] ^= 0xff;
         assert!(parse_upload(Bytes::from(flipped)).is_err());
+    }
+
+    #[test]
+    fn inputs_that_crashed_the_decoder_are_invalid() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fuzz-regressions");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("upload-")
+            {
+                continue;
+            }
+            let bytes = Bytes::from(std::fs::read(&path).unwrap());
+            assert!(
+                matches!(parse_upload(bytes), Err(RelayError::InvalidBody(_))),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen > 0, "no regression inputs found");
     }
 
     #[test]

@@ -223,7 +223,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cfg(48))]
+    #![proptest_config(cfg(256))]
 
     #[test]
     fn saves_and_save_after_splits_parse_with_the_right_changes(
@@ -505,7 +505,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cfg(128))]
+    #![proptest_config(cfg(512))]
 
     #[test]
     fn connection_never_panics_and_never_syncs_before_a_join(
@@ -608,4 +608,25 @@ proptest! {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crashes found by fuzzing (fuzz/README.md); each stays here as a regression test.
+// ---------------------------------------------------------------------------------------------
+
+/// `fuzz/artifacts/upload/crash-6f7f7c2c…`: a 180-byte bundle chunk (type 3) whose delta column
+/// is cut short. automerge 0.12 panics while loading it (hexane `unwrap` on `UnexpectedEof`),
+/// so `parse_upload` panics instead of returning `InvalidBody`.
+#[test]
+#[ignore = "open: automerge panics on this bundle chunk; parse_upload must reject it"]
+fn malformed_bundle_chunk_is_rejected_not_a_panic() {
+    let bytes = hex::decode(concat!(
+        "856f4a838cba54a903a90101e643dc8c96378c02b490bd5c95f5434efff4158586af5b4da6fe6f78",
+        "d4bfd2980110010101010101010101010101010101010901020303130323023303450250025303600202",
+        "007e02017e020502067e0201000202017e027e02000b010203041108130a2102340242025602570b70",
+        "02b301080b007f010a0000010500000104007e000704017e750203010b00000b0b010b16776f726c64",
+        "2068656c6c6f0b007f06feffff7d0501",
+    ))
+    .unwrap();
+    assert!(matches!(parse(&bytes), Err(RelayError::InvalidBody(_))));
 }

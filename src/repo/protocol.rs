@@ -195,9 +195,12 @@ impl Connection {
             Ok(d) => d,
             Err(e) => return self.reject(e.to_string()),
         };
-        let mut message = match sync::Message::decode(data) {
-            Ok(m) => m,
-            Err(e) => return self.reject(format!("invalid sync message for {doc}: {e}")),
+        // Guarded like upload validation: automerge's decoder can panic on malformed input.
+        let decoded = std::panic::catch_unwind(|| sync::Message::decode(data));
+        let mut message = match decoded {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return self.reject(format!("invalid sync message for {doc}: {e}")),
+            Err(_) => return self.reject(format!("malformed sync message for {doc}")),
         };
         let mut changes = Vec::new();
         for chunk in message.changes.iter() {

@@ -1,0 +1,12 @@
+//! Document ids and `?since=` head lists: `DocId::parse` accepts exactly PRODUCT.md's rule,
+//! `parse_heads` exactly comma-separated 64-digit hex hashes, and `etag_for` ignores order.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    match std::str::from_utf8(data) {
+        Ok(s) => relay_fuzz::check_ids(s),
+        Err(_) => relay_fuzz::check_ids(&String::from_utf8_lossy(data)),
+    }
+});
