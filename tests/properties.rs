@@ -615,10 +615,9 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 
 /// `fuzz/artifacts/upload/crash-6f7f7c2c…`: a 180-byte bundle chunk (type 3) whose delta column
-/// is cut short. automerge 0.12 panics while loading it (hexane `unwrap` on `UnexpectedEof`),
-/// so `parse_upload` panics instead of returning `InvalidBody`.
+/// is cut short. automerge 0.12 panics while loading it (hexane `unwrap` on `UnexpectedEof`);
+/// `parse_upload` catches that and answers `InvalidBody`.
 #[test]
-#[ignore = "open: automerge panics on this bundle chunk; parse_upload must reject it"]
 fn malformed_bundle_chunk_is_rejected_not_a_panic() {
     let bytes = hex::decode(concat!(
         "856f4a838cba54a903a90101e643dc8c96378c02b490bd5c95f5434efff4158586af5b4da6fe6f78",
