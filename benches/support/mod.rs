@@ -83,3 +83,11 @@ pub fn arg(name: &str, default: &str) -> String {
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| default.to_string())
 }
+
+/// WebSocket settings for load generators: tungstenite zero-fills its whole read buffer
+/// (128 KiB by default) before every read, which with hundreds of client sockets costs the
+/// load generator more CPU than the relay spends serving them. Messages larger than the
+/// buffer are still read whole.
+pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
+}

@@ -6,6 +6,7 @@
 mod etag;
 mod owner;
 mod peer;
+mod peer_sync;
 mod registry;
 #[cfg(test)]
 mod tests;
@@ -15,6 +16,7 @@ pub use owner::{
     Command, DocEvent, PushBatch, ReadOutcome, Subscription, WriteOutcome, WriteRequest,
 };
 pub use peer::{Outgoing, PeerLink};
+pub use peer_sync::PeerSync;
 pub use registry::{DocConfig, Documents, Precondition, StatsSnapshot};
 
 /// Identifies a live connection, so a client is not sent a batch made only of its own changes.

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::etag::etag_for;
 use super::peer::{Outgoing, PeerLink};
+use super::peer_sync::PeerSync;
 use super::registry::{Gauge, Inner, Precondition};
 use super::ConnId;
 use crate::error::RelayError;
@@ -128,16 +129,6 @@ pub enum Command {
 /// One received repo sync message: (connection, message without its changes, was it a
 /// `request`, did it carry changes).
 type RepoIn = (ConnId, sync::Message, bool, bool);
-
-/// Our sync state with one repo peer of this document (fresh per connection).
-#[derive(Default)]
-struct PeerSync {
-    state: sync::State,
-    /// When we last sent this peer a sync message.
-    last_sent: Option<std::time::Instant>,
-    /// The peer is owed a sync message that the push interval held back.
-    due: bool,
-}
 
 /// Sync states by connection. Kept apart from the peers' links: the states travel to the
 /// merge thread, the links stay to deliver the previous turn's messages meanwhile.
@@ -658,8 +649,7 @@ impl Owner {
 
     fn reset_repo_states(&mut self) {
         for peer in self.repo_states.values_mut() {
-            peer.state = sync::State::new();
-            peer.due = false;
+            peer.reset();
         }
     }
 
@@ -1225,18 +1215,9 @@ fn repo_exchange(
             continue;
         };
         let their_heads_empty = message.heads.is_empty();
-        let last_sent = peer.state.last_sent_heads.clone();
-        if let Err(e) = doc.receive_sync_message(&mut peer.state, message) {
-            tracing::warn!(conn, error = %e, "bad sync message; restarting this peer's sync");
-            peer.state = sync::State::new();
-        }
-        if had_changes {
-            // The changes were merged before this call (in the batch), so automerge took the
-            // message for a heads-only one and assumed we already told the peer our heads.
-            // Undo that: the peer must get an acknowledgement with our new heads.
-            peer.state.last_sent_heads = last_sent;
-        }
-        if had_changes || request || peer.last_sent.is_none() {
+        // Its changes were merged with the batch: only the bookkeeping is left.
+        peer.receive(doc, message, had_changes);
+        if request || peer.last_sent.is_none() {
             urgent.insert(conn);
         } else {
             peer.due = true;

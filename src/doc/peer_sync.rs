@@ -1,0 +1,294 @@
+//! Our sync state with one automerge-repo peer of a document, and receiving its messages.
+//!
+//! automerge's `receive_sync_message` trims the hashes we sent the peer (`sent_hashes`) by
+//! walking the **whole** history below the peer's heads on every message, so its cost grows
+//! with the document's history: in a 64-typist storm it was half of the relay's CPU, more than
+//! merging, saving and generating messages together. The owner has already merged a message's
+//! changes with its batch (they were split out and validated before), so only the bookkeeping
+//! is left, and [`PeerSync::receive`] does it as automerge 0.12 does, with one difference: the
+//! trim walks only the changes the peer gained since its previous message. A per-peer clock
+//! (for each actor, the highest sequence number below the peer's last heads) marks where the
+//! history the peer already had begins: a change of actor `a` with `seq <= clock[a]` lies below
+//! those heads, and so does everything under it.
+//!
+//! One deliberate difference: when some of the peer's heads are still unknown after the merge
+//! (their changes wait for dependencies), automerge first advances the shared heads by the
+//! heads that loading the message produced; the owner merges a whole batch at once and cannot
+//! tell which peer produced which head, so the shared heads keep what both sides had before,
+//! plus the peer's heads we know. That is less precise, never wrong: a smaller shared state
+//! only makes the next exchange carry a little more.
+
+use std::collections::{HashMap, HashSet};
+
+use automerge::sync::{self, Capability, MessageFlags};
+use automerge::{ActorId, Automerge, ChangeHash};
+
+/// Our sync state with one peer of a document (fresh per connection). Also usable by any
+/// automerge sync peer that merges a message's changes itself before receiving it (the
+/// benchmarks' simulated clients do).
+#[derive(Default)]
+pub struct PeerSync {
+    pub state: sync::State,
+    /// For each actor, the highest `seq` of its changes below the peer's last known heads.
+    their_clock: HashMap<ActorId, u64>,
+    /// When we last sent this peer a sync message.
+    pub(super) last_sent: Option<std::time::Instant>,
+    /// The peer is owed a sync message that the push interval held back.
+    pub(super) due: bool,
+}
+
+impl PeerSync {
+    /// Forgets everything about the peer: the next exchange starts from nothing.
+    pub fn reset(&mut self) {
+        self.state = sync::State::new();
+        self.their_clock.clear();
+        self.due = false;
+    }
+
+    /// Takes in one sync message from the peer whose changes `doc` already holds (the message's
+    /// `changes` are ignored). `had_changes` says whether it carried any.
+    pub fn receive(&mut self, doc: &Automerge, message: sync::Message, had_changes: bool) {
+        let state = &mut self.state;
+        state.in_flight = false;
+        let sync::Message {
+            heads,
+            need,
+            have,
+            flags,
+            ..
+        } = message;
+        if let Some(flags) = flags {
+            // A peer that sends flags speaks the V2 message format.
+            let mut caps = vec![Capability::MessageV2];
+            if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
+                caps.push(Capability::SyncReset);
+            }
+            state.their_capabilities = Some(caps);
+            if flags.contains(MessageFlags::SYNC_RESET) {
+                state.sent_hashes.clear();
+            }
+            state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
+        }
+        let known: Vec<ChangeHash> = heads
+            .iter()
+            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+            .copied()
+            .collect();
+        self.trim_sent(doc, &known);
+        let state = &mut self.state;
+        // A heads-only message equal to our heads: the peer knows our heads (automerge's rule;
+        // a message with changes leaves this alone, so the peer gets our new heads).
+        if !had_changes && heads == doc.get_heads() {
+            state.last_sent_heads.clone_from(&heads);
+        }
+        if known.len() == heads.len() {
+            state.shared_heads.clone_from(&heads);
+            if heads.is_empty() {
+                // The peer lost all its data: resync it from the start.
+                state.last_sent_heads.clear();
+                state.sent_hashes.clear();
+                self.their_clock.clear();
+            }
+        } else {
+            let mut shared: Vec<ChangeHash> = state.shared_heads.clone();
+            shared.extend(known.iter().copied());
+            shared.sort();
+            shared.dedup();
+            state.shared_heads = shared;
+        }
+        state.their_have = Some(have);
+        state.their_heads = Some(heads);
+        state.their_need = Some(need);
+    }
+
+    /// Advances the peer's clock to `heads`, walking only the changes that are not already
+    /// below its previous heads, then removes from `sent_hashes` every change the clock says
+    /// the peer has. Returns how many changes it walked.
+    fn trim_sent(&mut self, doc: &Automerge, heads: &[ChangeHash]) -> usize {
+        let mut gained: Vec<(ActorId, u64)> = Vec::new();
+        let mut seen: HashSet<ChangeHash> = HashSet::new();
+        let mut stack: Vec<ChangeHash> = heads.to_vec();
+        while let Some(hash) = stack.pop() {
+            if !seen.insert(hash) {
+                continue;
+            }
+            let Some(meta) = doc.get_change_meta_by_hash(&hash) else {
+                continue;
+            };
+            if self.has(meta.actor.as_ref(), meta.seq) {
+                // Below the peer's previous heads, with everything under it.
+                continue;
+            }
+            gained.push((meta.actor.into_owned(), meta.seq));
+            stack.extend(meta.deps);
+        }
+        let walked = gained.len();
+        for (actor, seq) in gained {
+            let max = self.their_clock.entry(actor).or_insert(0);
+            *max = (*max).max(seq);
+        }
+        if !self.state.sent_hashes.is_empty() {
+            let below: Vec<ChangeHash> = self
+                .state
+                .sent_hashes
+                .iter()
+                .filter(|h| {
+                    doc.get_change_meta_by_hash(h)
+                        .is_some_and(|m| self.has(m.actor.as_ref(), m.seq))
+                })
+                .copied()
+                .collect();
+            for h in below {
+                self.state.sent_hashes.remove(&h);
+            }
+        }
+        walked
+    }
+
+    /// Whether the peer's clock covers change `seq` of `actor` (an actor's change lies below
+    /// each of its later ones).
+    fn has(&self, actor: &ActorId, seq: u64) -> bool {
+        self.their_clock.get(actor).is_some_and(|max| seq <= *max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::sync::SyncDoc;
+    use automerge::transaction::CommitOptions;
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ObjType, ROOT};
+
+    fn type_into(doc: &mut AutoCommit, text: &automerge::ObjId, s: &str) {
+        for ch in s.chars() {
+            let len = automerge::ReadDoc::length(doc, text);
+            doc.splice_text(text, len, 0, &ch.to_string()).unwrap();
+            // A fixed time makes the hashes, and so the bloom filters, the same on every run.
+            doc.commit_with(CommitOptions::default().with_time(0));
+        }
+    }
+
+    /// Two servers holding the same document: `reference` receives with automerge's
+    /// `receive_sync_message`, `ours` merges the changes first and then calls
+    /// [`PeerSync::receive`], as the owner does.
+    struct Twin {
+        reference: Automerge,
+        ref_states: Vec<sync::State>,
+        ours: Automerge,
+        peers: Vec<PeerSync>,
+    }
+
+    impl Twin {
+        fn receive(&mut self, i: usize, msg: sync::Message) {
+            let had_changes = !msg.changes.is_empty();
+            self.reference
+                .receive_sync_message(&mut self.ref_states[i], msg.clone())
+                .unwrap();
+            let mut stripped = msg.clone();
+            for chunk in msg.changes.iter() {
+                self.ours.load_incremental(chunk).unwrap();
+            }
+            stripped.changes = sync::ChunkList::empty();
+            self.peers[i].receive(&self.ours, stripped, had_changes);
+            assert_eq!(self.reference.get_heads(), self.ours.get_heads());
+            let (r, o) = (&self.ref_states[i], &self.peers[i].state);
+            assert_eq!(r.sent_hashes, o.sent_hashes);
+            assert_eq!(r.shared_heads, o.shared_heads);
+            assert_eq!(r.last_sent_heads, o.last_sent_heads);
+            assert_eq!(r.their_heads, o.their_heads);
+            assert_eq!(r.their_need, o.their_need);
+            assert_eq!(r.in_flight, o.in_flight);
+        }
+
+        fn generate(&mut self, i: usize) -> Option<sync::Message> {
+            let r = self
+                .reference
+                .generate_sync_message(&mut self.ref_states[i]);
+            let o = self.ours.generate_sync_message(&mut self.peers[i].state);
+            assert_eq!(
+                r.as_ref().map(|m| m.clone().encode()),
+                o.map(|m| m.encode())
+            );
+            r
+        }
+    }
+
+    /// Three typists whose messages arrive late (crossing the server's answers, so sent
+    /// hashes pile up unacknowledged): both servers keep identical states and send identical
+    /// messages, and everyone converges.
+    #[test]
+    fn receive_matches_automerge() {
+        let mut base = AutoCommit::new();
+        let text = base.put_object(ROOT, "text", ObjType::Text).unwrap();
+        base.commit_with(CommitOptions::default().with_time(0));
+        let mut twin = Twin {
+            reference: base.document().clone(),
+            ref_states: (0..3).map(|_| sync::State::new()).collect(),
+            ours: base.document().clone(),
+            peers: (0..3).map(|_| PeerSync::default()).collect(),
+        };
+        let mut clients: Vec<(AutoCommit, sync::State, Vec<sync::Message>)> = (0..3)
+            .map(|i| {
+                let mut c = base.fork();
+                c.set_actor(ActorId::from(vec![i as u8 + 1; 16]));
+                (c, sync::State::new(), Vec::new())
+            })
+            .collect();
+        for round in 0..80 {
+            let typing = round < 60;
+            for (i, (client, state, outbox)) in clients.iter_mut().enumerate() {
+                if typing && (round + i) % 3 != 0 {
+                    type_into(client, &text, &format!("{i}{round}"));
+                }
+                outbox.extend(client.sync().generate_sync_message(state));
+                if typing && (round + i) % 4 != 0 {
+                    continue;
+                }
+                for msg in outbox.drain(..) {
+                    twin.receive(i, msg);
+                }
+            }
+            for (i, (client, state, _)) in clients.iter_mut().enumerate() {
+                if let Some(m) = twin.generate(i) {
+                    client.sync().receive_sync_message(state, m).unwrap();
+                }
+            }
+        }
+        for (client, _, _) in &mut clients {
+            assert_eq!(client.get_heads(), twin.reference.get_heads());
+        }
+    }
+
+    #[test]
+    fn the_walk_stops_at_what_the_peer_already_had() {
+        let mut doc = AutoCommit::new();
+        let text = doc.put_object(ROOT, "text", ObjType::Text).unwrap();
+        doc.commit();
+        type_into(&mut doc, &text, &"x".repeat(500));
+        let mut peer = PeerSync::default();
+        let old_heads = doc.get_heads();
+        let message = |heads: Vec<ChangeHash>| sync::Message {
+            heads,
+            need: vec![],
+            have: vec![],
+            changes: sync::ChunkList::empty(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        };
+        assert_eq!(peer.trim_sent(doc.document(), &old_heads), 501);
+        assert_eq!(peer.their_clock.values().copied().max(), Some(501));
+        type_into(&mut doc, &text, "abc");
+        let last = doc.get_heads()[0];
+        peer.state.sent_hashes.insert(last);
+        // Pretend the peer also had a change that it does not: its hash stays.
+        let unseen = ChangeHash([7; 32]);
+        peer.state.sent_hashes.insert(unseen);
+        let heads = doc.get_heads();
+        assert_eq!(peer.trim_sent(doc.document(), &heads), 3);
+        peer.receive(doc.document(), message(heads), false);
+        assert!(!peer.state.sent_hashes.contains(&last));
+        assert!(peer.state.sent_hashes.contains(&unseen));
+        assert_eq!(peer.their_clock.values().copied().max(), Some(504));
+    }
+}
