@@ -109,6 +109,196 @@ fn read_uleb(input: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+/// Signed LEB128 (the run counts of Automerge's run-length-encoded columns).
+fn read_sleb(input: &[u8]) -> Option<(i64, usize)> {
+    let mut value: i64 = 0;
+    for (i, byte) in input.iter().enumerate().take(10) {
+        let shift = 7 * i as u32;
+        value |= i64::from(byte & 0x7f).checked_shl(shift).unwrap_or(0);
+        if byte & 0x80 == 0 {
+            if byte & 0x40 != 0 && shift + 7 < 64 {
+                value |= -1i64 << (shift + 7);
+            }
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// The most values one column of a bundle chunk may hold (one per op or per change).
+pub const MAX_BUNDLE_COLUMN_VALUES: u64 = 1 << 22;
+
+/// The most bytes the compressed columns of one bundle chunk may inflate to, together.
+pub const MAX_INFLATED_BUNDLE: usize = 256 << 20;
+
+/// automerge 0.12 decodes some columns of a bundle chunk (chunk type 3) eagerly into vectors
+/// before validating anything (the op-id column in `decode_delta_int`, the change metadata), so
+/// a run-length-encoded run of billions of values, a few bytes long, made loading a 180-byte
+/// upload allocate gigabytes (found by fuzzing: `tests/fixtures/fuzz-regressions/upload-13.bin`).
+/// This walks the bundle's columns and rejects one that declares more than
+/// [`MAX_BUNDLE_COLUMN_VALUES`] values. Only the run lengths are read; whatever else is wrong
+/// with the chunk is left to automerge's strict load. DEFLATE-compressed columns are inflated
+/// first ([`inflate`]), since the same run fits in a compressed column (`upload-14.bin`), and
+/// together they may inflate to at most [`MAX_INFLATED_BUNDLE`] bytes (automerge inflates them
+/// all into memory, without a limit).
+fn check_bundle_columns(chunk: &[u8]) -> Result<(), RelayError> {
+    match bundle_excess(chunk) {
+        Some(why) => Err(RelayError::InvalidBody(why)),
+        None => Ok(()),
+    }
+}
+
+/// What is too large in a bundle chunk; `None` when nothing is, or when the chunk does not
+/// parse this far (automerge then rejects it).
+fn bundle_excess(chunk: &[u8]) -> Option<String> {
+    let take = |rest: &mut &[u8], n: usize| -> Option<()> {
+        *rest = rest.get(n..)?;
+        Some(())
+    };
+    let uleb = |rest: &mut &[u8]| -> Option<u64> {
+        let (v, n) = read_uleb(rest)?;
+        *rest = &rest[n..];
+        Some(v)
+    };
+    // Header: magic, checksum, chunk type, body length (`split_chunks` checked the framing).
+    let mut rest = chunk.get(9..)?;
+    uleb(&mut rest)?;
+    // Dependencies (32-byte hashes), then actor ids (length-prefixed).
+    let deps = usize::try_from(uleb(&mut rest)?).ok()?;
+    take(&mut rest, deps.checked_mul(32)?)?;
+    for _ in 0..uleb(&mut rest)? {
+        let len = usize::try_from(uleb(&mut rest)?).ok()?;
+        take(&mut rest, len)?;
+    }
+    // What the compressed columns may still inflate to, all together.
+    let mut budget = MAX_INFLATED_BUNDLE;
+    // Change columns, then op columns: a list of (spec, length), then the columns' data.
+    for _section in 0..2 {
+        let mut columns = Vec::new();
+        for _ in 0..uleb(&mut rest)? {
+            let spec = u32::try_from(uleb(&mut rest)?).ok()?;
+            let len = usize::try_from(uleb(&mut rest)?).ok()?;
+            columns.push((spec, len));
+        }
+        for (spec, len) in columns {
+            let data = rest.get(..len)?;
+            rest = &rest[len..];
+            let (id, kind) = (spec >> 4, spec & 0b111);
+            let values = if spec & 0b1000 == 0 {
+                declared_values(kind, data)
+            } else {
+                let mut inflated = Vec::new();
+                if inflate(data, budget, &mut inflated) == Err(Inflate::TooLarge) {
+                    return Some(format!(
+                        "bundle columns inflate to more than {MAX_INFLATED_BUNDLE} bytes"
+                    ));
+                }
+                // A malformed stream is counted as far as it inflates, in case automerge's
+                // inflater is more lenient and hands that much on.
+                budget -= inflated.len();
+                declared_values(kind, &inflated)
+            };
+            if values > MAX_BUNDLE_COLUMN_VALUES {
+                return Some(format!(
+                    "bundle column {id} declares more than {MAX_BUNDLE_COLUMN_VALUES} values"
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// How many values an uncompressed column of type `kind` declares, counted until the total
+/// exceeds [`MAX_BUNDLE_COLUMN_VALUES`] or the data stops parsing.
+fn declared_values(kind: u32, mut data: &[u8]) -> u64 {
+    const BOOLEAN: u32 = 4;
+    const STRING: u32 = 5;
+    // Skips one encoded value: LEB128, or a length-prefixed string.
+    let skip_value = |data: &mut &[u8]| -> Option<()> {
+        let (v, n) = read_uleb(data)?;
+        let len = if kind == STRING {
+            n.checked_add(usize::try_from(v).ok()?)?
+        } else {
+            n
+        };
+        *data = data.get(len..)?;
+        Some(())
+    };
+    let mut total: u64 = 0;
+    match kind {
+        // Raw value bytes: not run-length encoded.
+        7 => {}
+        BOOLEAN => {
+            // Alternating run lengths, starting with `false`.
+            while let Some((run, n)) = read_uleb(data) {
+                data = &data[n..];
+                total = total.saturating_add(run);
+                if total > MAX_BUNDLE_COLUMN_VALUES {
+                    break;
+                }
+            }
+        }
+        _ => {
+            // Runs: count > 0 repeats one value, count < 0 is that many literal values,
+            // count 0 is followed by a number of nulls.
+            while let Some((count, n)) = read_sleb(data) {
+                data = &data[n..];
+                let run = match count {
+                    0 => match read_uleb(data) {
+                        Some((nulls, n)) => {
+                            data = &data[n..];
+                            nulls
+                        }
+                        None => break,
+                    },
+                    _ => count.unsigned_abs(),
+                };
+                total = total.saturating_add(run);
+                if total > MAX_BUNDLE_COLUMN_VALUES {
+                    break;
+                }
+                // Step over the run's values to the next count.
+                let values = match count {
+                    1.. => 1,
+                    0 => 0,
+                    _ => run,
+                };
+                let skipped = (0..values).try_for_each(|_| skip_value(&mut data));
+                if skipped.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Why [`inflate`] failed.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inflate {
+    Malformed,
+    TooLarge,
+}
+
+/// Inflates a raw DEFLATE stream (what automerge writes for compressed columns, and inflates
+/// with this same flate2) into `out`, at most `limit` bytes. On an error `out` holds what was
+/// inflated before it.
+#[doc(hidden)]
+pub fn inflate(data: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), Inflate> {
+    use std::io::Read;
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    let mut decoder = flate2::read::DeflateDecoder::new(data).take(cap);
+    match decoder.read_to_end(out) {
+        Ok(_) if out.len() > limit => {
+            out.truncate(limit);
+            Err(Inflate::TooLarge)
+        }
+        Ok(_) => Ok(()),
+        Err(_) => Err(Inflate::Malformed),
+    }
+}
+
 fn strict() -> LoadOptions<'static> {
     LoadOptions::new()
         .on_partial_load(OnPartialLoad::Error)
@@ -180,6 +370,7 @@ fn parse_unguarded(bytes: Bytes, hint: Option<&Hint>) -> Result<Upload, RelayErr
                 changes.push(change);
             }
             CHUNK_BUNDLE => {
+                check_bundle_columns(chunk)?;
                 load_chunk(chunk)?;
                 let bundle = automerge::Bundle::try_from(chunk)
                     .map_err(|e| RelayError::InvalidBody(format!("{e:?}")))?;

@@ -629,3 +629,53 @@ fn malformed_bundle_chunk_is_rejected_not_a_panic() {
     .unwrap();
     assert!(matches!(parse(&bytes), Err(RelayError::InvalidBody(_))));
 }
+
+/// Every input in `tests/fixtures/fuzz-regressions/` (`upload-<n>.bin`, crash inputs of the
+/// `upload` fuzz target: automerge decoder panics, and `upload-13.bin`, a bundle chunk whose
+/// op-id column declares ~1.6 billion values and made automerge allocate gigabytes) is answered
+/// as invalid input. A new crash input only needs to be added to that directory.
+#[test]
+fn fuzz_regression_inputs_are_rejected() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-regressions");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("upload-") && name.ends_with(".bin")) {
+            continue;
+        }
+        let result = parse(&std::fs::read(&path).unwrap());
+        assert!(
+            matches!(result, Err(RelayError::InvalidBody(_))),
+            "{name}: {:?}",
+            result.map(|up| up.change_count())
+        );
+        seen += 1;
+    }
+    assert!(
+        seen >= 13,
+        "only {seen} regression inputs in {}",
+        dir.display()
+    );
+}
+
+/// The bundle column limit (`MAX_BUNDLE_COLUMN_VALUES`) leaves real bundles alone, including
+/// ones whose columns are long runs.
+#[test]
+fn real_bundles_with_long_runs_are_accepted() {
+    let mut doc = AutoCommit::new().with_actor(ActorId::from(vec![7u8; 16]));
+    let list = doc.put_object(ROOT, "list", ObjType::List).unwrap();
+    for i in 0..3000 {
+        doc.insert(&list, i, 1).unwrap();
+    }
+    doc.commit();
+    for i in 0..20 {
+        doc.put(ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    let all: Vec<ChangeHash> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+    let bundle = doc.bundle(all.iter().copied()).unwrap();
+    let up = parse(bundle.bytes()).expect("a real bundle is accepted");
+    assert_eq!(hashes(&up), all.into_iter().collect::<BTreeSet<_>>());
+}

@@ -4,9 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    match std::str::from_utf8(data) {
+fuzz_target!(init: relay_fuzz::install_panic_hook(), |data: &[u8]| {
+    relay_fuzz::fail_on_uncaught(|| match std::str::from_utf8(data) {
         Ok(s) => relay_fuzz::check_ids(s),
         Err(_) => relay_fuzz::check_ids(&String::from_utf8_lossy(data)),
-    }
+    });
 });

@@ -8,15 +8,17 @@ use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use relay_fuzz::ProtocolScript;
 
-fuzz_target!(|data: &[u8]| {
-    let frames = match data.first() {
-        Some(flags) if flags & 2 == 2 => {
-            match ProtocolScript::arbitrary_take_rest(Unstructured::new(&data[1..])) {
-                Ok(script) => script.frames(),
-                Err(_) => return,
+fuzz_target!(init: relay_fuzz::install_panic_hook(), |data: &[u8]| {
+    relay_fuzz::fail_on_uncaught(|| {
+        let frames = match data.first() {
+            Some(flags) if flags & 2 == 2 => {
+                match ProtocolScript::arbitrary_take_rest(Unstructured::new(&data[1..])) {
+                    Ok(script) => script.frames(),
+                    Err(_) => return,
+                }
             }
-        }
-        _ => relay_fuzz::raw_frames(data),
-    };
-    relay_fuzz::run_connection(&frames);
+            _ => relay_fuzz::raw_frames(data),
+        };
+        relay_fuzz::run_connection(&frames);
+    });
 });

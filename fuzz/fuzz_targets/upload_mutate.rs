@@ -7,6 +7,6 @@
 use libfuzzer_sys::fuzz_target;
 use relay_fuzz::MutateInput;
 
-fuzz_target!(|input: MutateInput| {
-    relay_fuzz::run_mutate(&input);
+fuzz_target!(init: relay_fuzz::install_panic_hook(), |input: MutateInput| {
+    relay_fuzz::fail_on_uncaught(|| relay_fuzz::run_mutate(&input));
 });
