@@ -6,6 +6,7 @@
 //! - [`storage`]: the store trait and its backends;
 //! - helpers: [`id`], [`upload`] (strict validation), [`error`], [`config`].
 
+pub mod alloc;
 pub mod config;
 pub mod doc;
 pub mod error;

@@ -7,8 +7,22 @@ use tracing_subscriber::EnvFilter;
 use automerge_relay::config::Cli;
 use automerge_relay::server;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Before the runtime starts its threads.
+    automerge_relay::alloc::tune();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("automerge-relay: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> std::process::ExitCode {
     let from_env = std::env::var("RUST_LOG").unwrap_or_default();
     let mut filter = EnvFilter::try_new(&from_env).unwrap_or_else(|_| EnvFilter::new("info"));
     if from_env.is_empty() {
@@ -26,6 +40,7 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Cli::parse().into_serve_args();
+    automerge_relay::alloc::spawn_trimmer();
     let token = CancellationToken::new();
     let signal_token = token.clone();
     tokio::spawn(async move {
