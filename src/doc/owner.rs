@@ -1217,7 +1217,7 @@ fn repo_exchange(
         let their_heads_empty = message.heads.is_empty();
         // Its changes were merged with the batch: only the bookkeeping is left.
         peer.receive(doc, message, had_changes);
-        if request || peer.last_sent.is_none() {
+        if had_changes || request || peer.last_sent.is_none() {
             urgent.insert(conn);
         } else {
             peer.due = true;
@@ -1226,7 +1226,8 @@ fn repo_exchange(
             unavailable.insert(conn);
         }
     }
-    let doc_empty = doc.get_heads().is_empty();
+    let our_heads = doc.get_heads();
+    let doc_empty = our_heads.is_empty();
     let mut next_due: Option<std::time::Instant> = None;
     let mut conns: Vec<ConnId> = peers.keys().copied().collect();
     conns.sort_unstable();
@@ -1256,6 +1257,9 @@ fn repo_exchange(
             }
         }
         peer.due = false;
+        if peer.has_nothing_to_hear(&our_heads) {
+            continue;
+        }
         if let Some(msg) = doc.generate_sync_message(&mut peer.state) {
             peer.last_sent = Some(now);
             out.push((
