@@ -14,7 +14,18 @@ pub struct Relay {
 impl Relay {
     pub fn start(extra: &[&str]) -> Relay {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
+        // BENCH_RELAY_WRAP runs the relay under a tool, e.g. "heaptrack -o /tmp/relay".
+        let wrap = std::env::var("BENCH_RELAY_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut command = match words.next() {
+            Some(tool) => {
+                let mut c = Command::new(tool);
+                c.args(words).arg(env!("CARGO_BIN_EXE_automerge-relay"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_automerge-relay")),
+        };
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
             .args(extra)
@@ -22,10 +33,15 @@ impl Relay {
             .stdout(Stdio::piped())
             .spawn()
             .expect("start relay");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("listening line");
+        // A wrapping tool may print first.
+        while !line.starts_with("listening on") {
+            line.clear();
+            if stdout.read_line(&mut line).expect("listening line") == 0 {
+                panic!("the relay exited before listening");
+            }
+        }
         let port = line
             .trim()
             .rsplit(':')
