@@ -14,7 +14,7 @@ use automerge::{AutoCommit, ReadDoc, ROOT};
 use futures_util::stream::{self, StreamExt};
 
 mod support;
-use support::{arg, rss_kib, Relay};
+use support::{arg, rss_kib, stats, Relay};
 
 fn doc_for(i: u64) -> AutoCommit {
     let mut doc = AutoCommit::new();
@@ -69,14 +69,7 @@ fn main() {
             .await;
         let write_secs = t.elapsed().as_secs_f64();
         let after_writes = rss_kib(pid);
-        let stats: serde_json::Value = c
-            .get(format!("http://127.0.0.1:{port}/_/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let written = stats(&c, port).await;
         let t = Instant::now();
         let bad = Arc::new(AtomicU64::new(0));
         stream::iter(0..docs)
@@ -105,14 +98,7 @@ fn main() {
             .await;
         let read_secs = t.elapsed().as_secs_f64();
         sampler.abort();
-        let end: serde_json::Value = c
-            .get(format!("http://127.0.0.1:{port}/_/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let end = stats(&c, port).await;
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!("{docs} documents, --memory-budget {budget}, store cache 64 MiB (default)");
         println!("writes: {:.1} s ({:.0}/s); reads: {:.1} s ({:.0}/s)", write_secs, docs as f64 / write_secs, read_secs, docs as f64 / read_secs);
@@ -125,10 +111,10 @@ fn main() {
         );
         println!(
             "relay's estimate after writes: {} hot documents, {:.1} MiB; evictions {}, loads {} (end: {} evictions, {} loads)",
-            stats["hot_documents"],
-            stats["hot_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0,
-            stats["evictions"],
-            stats["loads"],
+            written["hot_documents"],
+            written["hot_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0,
+            written["evictions"],
+            written["loads"],
             end["evictions"],
             end["loads"]
         );

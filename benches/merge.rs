@@ -14,7 +14,7 @@ use automerge::transaction::Transactable;
 use automerge::{AutoCommit, Automerge, Change, ObjType, ReadDoc, ROOT};
 
 mod support;
-use support::{cpu_secs, Relay};
+use support::{cpu_secs, stats, Relay};
 
 const HISTORY: usize = 20_000;
 const SAMPLES: usize = 200;
@@ -112,16 +112,6 @@ async fn relay_latency(
         full.push(t.elapsed());
     }
     (percentile(&mut inc, 0.5), percentile(&mut full, 0.5))
-}
-
-async fn stats(c: &reqwest::Client, port: u16) -> serde_json::Value {
-    c.get(format!("http://127.0.0.1:{port}/_/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 struct Contention {

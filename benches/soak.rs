@@ -35,7 +35,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 mod support;
-use support::{arg, rss_kib, ws_config, Relay};
+use support::{arg, rss_kib, stats, ws_config, Relay};
 
 struct Settings {
     minutes: f64,
@@ -114,23 +114,35 @@ async fn subscriber(n: usize, url: String, progress: Arc<Progress>) {
     }
 }
 
+/// One writer's document: each call makes one change to its own key and returns it.
+struct Edits {
+    key: String,
+    doc: AutoCommit,
+    count: i64,
+}
+
+impl Edits {
+    fn next(&mut self) -> Vec<u8> {
+        let heads = self.doc.get_heads();
+        self.doc.put(ROOT, self.key.as_str(), self.count).unwrap();
+        self.doc.commit();
+        self.count += 1;
+        self.doc.save_after(&heads)
+    }
+}
+
 async fn http_writer(
     w: usize,
     c: reqwest::Client,
     url: String,
-    mut doc: AutoCommit,
+    mut edits: Edits,
     s: Arc<Settings>,
     p: Arc<Progress>,
 ) {
     let mut tick = tokio::time::interval(s.write_every);
-    let mut i = 0u64;
     while p.typing.load(Ordering::Relaxed) {
         tick.tick().await;
-        let heads = doc.get_heads();
-        doc.put(ROOT, format!("writer-{w}"), i as i64).unwrap();
-        doc.commit();
-        i += 1;
-        match c.post(&url).body(doc.save_after(&heads)).send().await {
+        match c.post(&url).body(edits.next()).send().await {
             Ok(r) if r.status().is_success() => {
                 p.writes.fetch_add(1, Ordering::Relaxed);
             }
@@ -140,7 +152,7 @@ async fn http_writer(
     }
 }
 
-async fn ws_writer(w: usize, url: String, mut doc: AutoCommit, s: Arc<Settings>, p: Arc<Progress>) {
+async fn ws_writer(w: usize, url: String, mut edits: Edits, s: Arc<Settings>, p: Arc<Progress>) {
     let Ok((mut ws, _)) =
         tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), false).await
     else {
@@ -148,18 +160,9 @@ async fn ws_writer(w: usize, url: String, mut doc: AutoCommit, s: Arc<Settings>,
         return;
     };
     let mut tick = tokio::time::interval(s.write_every);
-    let mut i = 0u64;
     while p.typing.load(Ordering::Relaxed) {
         tick.tick().await;
-        let heads = doc.get_heads();
-        doc.put(ROOT, format!("writer-{w}"), i as i64).unwrap();
-        doc.commit();
-        i += 1;
-        if ws
-            .send(Message::binary(doc.save_after(&heads)))
-            .await
-            .is_err()
-        {
+        if ws.send(Message::binary(edits.next())).await.is_err() {
             p.error(format!("ws writer {w}: send failed"));
             return;
         }
@@ -208,7 +211,7 @@ async fn repo_peer(n: usize, url: String, document_id: String, s: Arc<Settings>,
         return;
     }
     let mut server: Option<String> = None;
-    let mut doc = AutoCommit::new();
+    let mut doc = Automerge::new();
     let mut sync = PeerSync::default();
     let mut tick = tokio::time::interval(s.peer_every);
     let mut i = 0u64;
@@ -230,20 +233,13 @@ async fn repo_peer(n: usize, url: String, document_id: String, s: Arc<Settings>,
                         send_now = true;
                     }
                     Ok(RepoMessage::Sync { data, .. }) => {
-                        let Ok(mut message) = sync::Message::decode(&data) else {
+                        let Ok(message) = sync::Message::decode(&data) else {
                             p.error(format!("repo peer {n}: bad sync message"));
                             continue;
                         };
-                        let had_changes = !message.changes.is_empty();
-                        if had_changes {
-                            let joined: Vec<u8> =
-                                message.changes.iter().flatten().copied().collect();
-                            if let Err(e) = doc.load_incremental(&joined) {
-                                p.error(format!("repo peer {n}: {e}"));
-                            }
-                            message.changes = sync::ChunkList::empty();
+                        if let Err(e) = sync.merge_and_receive(&mut doc, message) {
+                            p.error(format!("repo peer {n}: {e}"));
                         }
-                        sync.receive(doc.document(), message, had_changes);
                         p.peers.lock().unwrap()[n] = (n, doc.get_heads());
                         send_now = true;
                     }
@@ -254,8 +250,9 @@ async fn repo_peer(n: usize, url: String, document_id: String, s: Arc<Settings>,
             _ = tick.tick() => {
                 // Edit only once the document arrived (its root map is shared then).
                 if p.typing.load(Ordering::Relaxed) && !doc.get_heads().is_empty() {
-                    doc.put(ROOT, format!("peer-{n}"), i as i64).unwrap();
-                    doc.commit();
+                    let mut tx = doc.transaction();
+                    tx.put(ROOT, format!("peer-{n}"), i as i64).unwrap();
+                    tx.commit();
                     i += 1;
                     p.peer_edits.fetch_add(1, Ordering::Relaxed);
                     send_now = true;
@@ -265,7 +262,7 @@ async fn repo_peer(n: usize, url: String, document_id: String, s: Arc<Settings>,
         let Some(target) = server.clone().filter(|_| send_now) else {
             continue;
         };
-        if let Some(msg) = doc.sync().generate_sync_message(&mut sync.state) {
+        if let Some(msg) = doc.generate_sync_message(&mut sync.state) {
             let frame = RepoMessage::Sync {
                 sender_id: me.clone(),
                 target_id: target,
@@ -277,13 +274,6 @@ async fn repo_peer(n: usize, url: String, document_id: String, s: Arc<Settings>,
                 return;
             }
         }
-    }
-}
-
-async fn stats(c: &reqwest::Client, base: &str) -> serde_json::Value {
-    match c.get(format!("{base}/_/stats")).send().await {
-        Ok(r) => r.json().await.unwrap_or_default(),
-        Err(_) => serde_json::Value::Null,
     }
 }
 
@@ -346,14 +336,18 @@ fn main() {
         }
         for w in 0..s.writers {
             let d = w % s.docs;
-            let doc = bases[d].fork();
+            let edits = Edits {
+                key: format!("writer-{w}"),
+                doc: bases[d].fork(),
+                count: 0,
+            };
             let url = format!("{base}/{}", ids[d]);
             let (st, p) = (s.clone(), progress.clone());
             tasks.push(if w % 2 == 0 {
-                tokio::spawn(http_writer(w, c.clone(), url, doc, st, p))
+                tokio::spawn(http_writer(w, c.clone(), url, edits, st, p))
             } else {
                 let url = format!("{ws_base}/{}", ids[d]);
-                tokio::spawn(ws_writer(w, url, doc, st, p))
+                tokio::spawn(ws_writer(w, url, edits, st, p))
             });
         }
         for n in 0..s.repo_peers {
@@ -368,7 +362,7 @@ fn main() {
         let mut report = tokio::time::interval(Duration::from_secs(30));
         while start.elapsed() < total {
             report.tick().await;
-            let st = stats(&c, &base).await;
+            let st = stats(&c, relay.port).await;
             let rss = rss_kib(pid);
             let hot = st["hot_bytes"].as_u64().unwrap_or(0);
             if warm.is_none() && start.elapsed() >= s.warmup {
@@ -420,7 +414,7 @@ fn main() {
         let rss_converged = rss_kib(pid);
         // Let the relay settle (its allocator trim runs every 10 s) before the final reading.
         tokio::time::sleep(automerge_relay::alloc::TRIM_EVERY + Duration::from_secs(5)).await;
-        let st = stats(&c, &base).await;
+        let st = stats(&c, relay.port).await;
         let (rss_end, hot_end) = (rss_kib(pid), st["hot_bytes"].as_u64().unwrap_or(0));
         println!("RSS when the load stopped {rss_stop} KiB, once converged {rss_converged} KiB");
         let (rss_warm, hot_warm) = warm.unwrap_or((rss_end, hot_end));

@@ -641,18 +641,11 @@ impl Peer {
                 // automerge's receive_sync_message walks the whole history on every message,
                 // which for 64 simulated clients on this machine costs more CPU than the relay
                 // spends serving them (real clients each have their own device).
-                let mut message = message;
-                let had_changes = !message.changes.is_empty();
-                if had_changes {
-                    let joined: Vec<u8> = message.changes.iter().flatten().copied().collect();
-                    if let Err(e) = self.doc.load_incremental(&joined) {
-                        self.shared
-                            .error(&self.name, format!("load_incremental: {e}"));
-                        return;
-                    }
-                    message.changes = sync::ChunkList::empty();
+                if let Err(e) = self.sync.merge_and_receive(&mut self.doc, message) {
+                    self.shared
+                        .error(&self.name, format!("load_incremental: {e}"));
+                    return;
                 }
-                self.sync.receive(&self.doc, message, had_changes);
                 self.stats.change_chunks_in += chunks;
                 // Only the observer looks for the new changes (it costs a clock computation).
                 if self.role == Role::Observer && self.doc.get_heads() != old_heads {

@@ -107,3 +107,15 @@ pub fn arg(name: &str, default: &str) -> String {
 pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
 }
+
+/// The relay's `/_/stats` JSON (`Null` if it cannot be read).
+pub async fn stats(c: &reqwest::Client, port: u16) -> serde_json::Value {
+    match c
+        .get(format!("http://127.0.0.1:{port}/_/stats"))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}

@@ -21,7 +21,17 @@
 use std::collections::{HashMap, HashSet};
 
 use automerge::sync::{self, Capability, MessageFlags};
-use automerge::{ActorId, Automerge, ChangeHash};
+use automerge::{ActorId, Automerge, AutomergeError, ChangeHash};
+
+/// What [`PeerSync::trim_sent`] found.
+struct Walk {
+    /// Changes walked (those the peer gained since its previous heads); the tests check that
+    /// the walk stays this short.
+    #[cfg(test)]
+    walked: usize,
+    /// The heads we do not hold.
+    unknown: HashSet<ChangeHash>,
+}
 
 /// Our sync state with one peer of a document (fresh per connection). Also usable by any
 /// automerge sync peer that merges a message's changes itself before receiving it (the
@@ -69,12 +79,12 @@ impl PeerSync {
             }
             state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
         }
+        let walk = self.trim_sent(doc, &heads);
         let known: Vec<ChangeHash> = heads
             .iter()
-            .filter(|h| doc.get_change_meta_by_hash(h).is_some())
+            .filter(|h| !walk.unknown.contains(h))
             .copied()
             .collect();
-        self.trim_sent(doc, &known);
         let state = &mut self.state;
         // A heads-only message equal to our heads: the peer knows our heads (automerge's rule;
         // a message with changes leaves this alone, so the peer gets our new heads).
@@ -101,6 +111,23 @@ impl PeerSync {
         state.their_need = Some(need);
     }
 
+    /// For a peer that merges a message's changes itself (the owner merges them with its
+    /// batch instead): merges them with one `load_incremental`, then takes in the rest.
+    pub fn merge_and_receive(
+        &mut self,
+        doc: &mut Automerge,
+        mut message: sync::Message,
+    ) -> Result<(), AutomergeError> {
+        let had_changes = !message.changes.is_empty();
+        if had_changes {
+            let joined: Vec<u8> = message.changes.iter().flatten().copied().collect();
+            doc.load_incremental(&joined)?;
+            message.changes = sync::ChunkList::empty();
+        }
+        self.receive(doc, message, had_changes);
+        Ok(())
+    }
+
     /// True when a sync message to the peer could say nothing new: it has heard our heads, and
     /// either our last message is still unanswered or it already has exactly our heads and
     /// asks for nothing. automerge's `generate_sync_message` would return `None` then (after
@@ -116,16 +143,19 @@ impl PeerSync {
 
     /// Advances the peer's clock to `heads`, walking only the changes that are not already
     /// below its previous heads, then removes from `sent_hashes` every change the clock says
-    /// the peer has. Returns how many changes it walked.
-    fn trim_sent(&mut self, doc: &Automerge, heads: &[ChangeHash]) -> usize {
+    /// the peer has.
+    fn trim_sent(&mut self, doc: &Automerge, heads: &[ChangeHash]) -> Walk {
         let mut gained: Vec<(ActorId, u64)> = Vec::new();
         let mut seen: HashSet<ChangeHash> = HashSet::new();
+        let mut unknown: HashSet<ChangeHash> = HashSet::new();
         let mut stack: Vec<ChangeHash> = heads.to_vec();
         while let Some(hash) = stack.pop() {
             if !seen.insert(hash) {
                 continue;
             }
             let Some(meta) = doc.get_change_meta_by_hash(&hash) else {
+                // The dependencies of a change we hold are held too: this is one of `heads`.
+                unknown.insert(hash);
                 continue;
             };
             if self.has(meta.actor.as_ref(), meta.seq) {
@@ -135,6 +165,7 @@ impl PeerSync {
             gained.push((meta.actor.into_owned(), meta.seq));
             stack.extend(meta.deps);
         }
+        #[cfg(test)]
         let walked = gained.len();
         for (actor, seq) in gained {
             let max = self.their_clock.entry(actor).or_insert(0);
@@ -155,7 +186,11 @@ impl PeerSync {
                 self.state.sent_hashes.remove(&h);
             }
         }
-        walked
+        Walk {
+            #[cfg(test)]
+            walked,
+            unknown,
+        }
     }
 
     /// Whether the peer's clock covers change `seq` of `actor` (an actor's change lies below
@@ -195,16 +230,12 @@ mod tests {
 
     impl Twin {
         fn receive(&mut self, i: usize, msg: sync::Message) {
-            let had_changes = !msg.changes.is_empty();
             self.reference
                 .receive_sync_message(&mut self.ref_states[i], msg.clone())
                 .unwrap();
-            let mut stripped = msg.clone();
-            for chunk in msg.changes.iter() {
-                self.ours.load_incremental(chunk).unwrap();
-            }
-            stripped.changes = sync::ChunkList::empty();
-            self.peers[i].receive(&self.ours, stripped, had_changes);
+            self.peers[i]
+                .merge_and_receive(&mut self.ours, msg)
+                .unwrap();
             assert_eq!(self.reference.get_heads(), self.ours.get_heads());
             let (r, o) = (&self.ref_states[i], &self.peers[i].state);
             assert_eq!(r.sent_hashes, o.sent_hashes);
@@ -308,7 +339,7 @@ mod tests {
             flags: None,
             version: sync::MessageVersion::V1,
         };
-        assert_eq!(peer.trim_sent(doc.document(), &old_heads), 501);
+        assert_eq!(peer.trim_sent(doc.document(), &old_heads).walked, 501);
         assert_eq!(peer.their_clock.values().copied().max(), Some(501));
         type_into(&mut doc, &text, "abc");
         let last = doc.get_heads()[0];
@@ -317,7 +348,7 @@ mod tests {
         let unseen = ChangeHash([7; 32]);
         peer.state.sent_hashes.insert(unseen);
         let heads = doc.get_heads();
-        assert_eq!(peer.trim_sent(doc.document(), &heads), 3);
+        assert_eq!(peer.trim_sent(doc.document(), &heads).walked, 3);
         peer.receive(doc.document(), message(heads), false);
         assert!(!peer.state.sent_hashes.contains(&last));
         assert!(peer.state.sent_hashes.contains(&unseen));
