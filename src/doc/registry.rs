@@ -14,12 +14,17 @@ use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::owner::{Command, Owner, ReadOutcome, Subscription, WriteOutcome, WriteRequest};
+use super::owner::{
+    Command, Owner, ReadOutcome, RepoSync, Subscription, WriteOutcome, WriteRequest,
+};
 use super::{ConnId, PeerLink};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::storage::Store;
 use crate::upload::{Hint, Upload};
+
+/// Least time between two runs of the evictor.
+const EVICT_PAUSE: Duration = Duration::from_millis(10);
 
 /// Commands that may wait in one owner's queue before senders wait.
 const OWNER_QUEUE: usize = 4096;
@@ -42,7 +47,7 @@ struct OwnerHandle {
 }
 
 /// Fixed memory of one hot document's owner (document, task, queues, bookkeeping), in bytes.
-pub(super) const OWNER_BASE_BYTES: u64 = 48 * 1024;
+pub(super) const OWNER_BASE_BYTES: u64 = 24 * 1024;
 /// In-memory bytes per byte of raw changes (incremental chunks).
 pub(super) const RAW_FACTOR: u64 = 2;
 /// In-memory bytes per byte of compressed save (snapshot chunks).
@@ -168,6 +173,9 @@ pub(super) struct Inner {
     pub(super) stats: Stats,
     owners: DashMap<DocId, OwnerHandle>,
     generations: AtomicU64,
+    /// Wakes the evictor early: a new owner was started (documents can be loaded faster than
+    /// a periodic check would evict them).
+    owner_started: tokio::sync::Notify,
 }
 
 impl Inner {
@@ -194,7 +202,8 @@ impl Inner {
                     hint_tx,
                     gauge.clone(),
                 );
-                tokio::spawn(owner.run());
+                tokio::spawn(Box::new(owner).run());
+                self.owner_started.notify_one();
                 OwnerHandle {
                     generation,
                     tx,
@@ -297,17 +306,26 @@ impl Documents {
             stats: Stats::default(),
             owners: DashMap::new(),
             generations: AtomicU64::new(1),
+            owner_started: tokio::sync::Notify::new(),
         });
-        // The evictor: checks the budget a few times a second; stops with the registry.
+        // The evictor: checks the budget a few times a second, and soon after owners start
+        // (at most every EVICT_PAUSE, so a burst of new documents costs a few checks, not one
+        // per document); stops with the registry.
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else {
-                    return;
-                };
-                inner.evict_over_budget();
+                {
+                    let Some(inner) = weak.upgrade() else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = inner.owner_started.notified() => {}
+                    }
+                    inner.evict_over_budget();
+                }
+                tokio::time::sleep(EVICT_PAUSE).await;
             }
         });
         Self {
@@ -346,12 +364,12 @@ impl Documents {
         origin: Option<ConnId>,
     ) -> Result<WriteOutcome, RelayError> {
         self.call(id, |reply| {
-            Command::Write(WriteRequest {
+            Command::Write(Box::new(WriteRequest {
                 upload,
                 precondition,
                 origin,
                 reply,
-            })
+            }))
         })
         .await
     }
@@ -390,12 +408,12 @@ impl Documents {
         upload: Option<Upload>,
         request: bool,
     ) {
-        let cmd = Command::RepoSync {
+        let cmd = Command::RepoSync(Box::new(RepoSync {
             link,
             message,
             upload,
             request,
-        };
+        }));
         self.inner.forward(id, cmd).await;
     }
 
