@@ -3,7 +3,9 @@
 //! Writes N small documents once each (default 100,000) to a release relay started with
 //! `--memory-budget 64MiB`, sampling the relay's RSS, then reads every document back and checks
 //! its heads. Reports peak RSS against budget + store cache, the relay's own estimate of hot
-//! memory, and evictions. Options: `--docs N`, `--budget 64MiB`, `--concurrency 64`.
+//! memory, evictions, and RSS beside the allocator's bytes in use after every tenth of the
+//! writes (so a run shows whether memory levels off as documents accumulate). Options:
+//! `--docs N`, `--budget 64MiB`, `--store-cache 16MiB`, `--concurrency 64`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,7 +33,8 @@ fn main() {
     let docs: u64 = arg("--docs", "100000").parse().unwrap();
     let budget = arg("--budget", "64MiB");
     let concurrency: usize = arg("--concurrency", "64").parse().unwrap();
-    let relay = Relay::start(&["--memory-budget", &budget]);
+    let store_cache = arg("--store-cache", "16MiB");
+    let relay = Relay::start(&["--memory-budget", &budget, "--store-cache", &store_cache]);
     let port = relay.port;
     let pid = relay.pid();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -52,9 +55,12 @@ fn main() {
         };
         let c = reqwest::Client::new();
         let t = Instant::now();
+        let done = Arc::new(AtomicU64::new(0));
+        let tenth = (docs / 10).max(1);
+        let milestones = Arc::new(std::sync::Mutex::new(Vec::new()));
         stream::iter(0..docs)
             .for_each_concurrent(concurrency, |i| {
-                let c = c.clone();
+                let (c, done, milestones) = (c.clone(), done.clone(), milestones.clone());
                 async move {
                     let body = doc_for(i).save();
                     let r = c
@@ -64,6 +70,12 @@ fn main() {
                         .await
                         .unwrap();
                     assert_eq!(r.status(), 201, "doc-{i}");
+                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n % tenth == 0 {
+                        let s = stats(&c, port).await;
+                        let in_use = s["heap"]["in_use"].as_u64().unwrap_or(0);
+                        milestones.lock().unwrap().push((n, rss_kib(pid), in_use));
+                    }
                 }
             })
             .await;
@@ -100,7 +112,13 @@ fn main() {
         sampler.abort();
         let end = stats(&c, port).await;
         let mib = |kib: u64| kib as f64 / 1024.0;
-        println!("{docs} documents, --memory-budget {budget}, store cache 64 MiB (default)");
+        println!("{docs} documents, --memory-budget {budget}, --store-cache {store_cache}");
+        let mut milestones = milestones.lock().unwrap().clone();
+        milestones.sort_unstable();
+        println!("while writing: documents written, RSS MiB, allocator in use MiB");
+        for (n, rss, in_use) in milestones {
+            println!("  {n:>8} {:>8.1} {:>8.1}", mib(rss), in_use as f64 / 1048576.0);
+        }
         println!("writes: {:.1} s ({:.0}/s); reads: {:.1} s ({:.0}/s)", write_secs, docs as f64 / write_secs, read_secs, docs as f64 / read_secs);
         println!(
             "RSS: start {:.1} MiB, after writes {:.1} MiB, peak {:.1} MiB, end {:.1} MiB",

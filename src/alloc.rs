@@ -46,3 +46,25 @@ pub fn spawn_trimmer() {
         }
     });
 }
+
+/// What the allocator holds: bytes in use by the program and bytes free inside its heap (kept
+/// for reuse, not yet returned to the kernel). `None` where the allocator cannot tell.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct HeapUsage {
+    pub in_use: u64,
+    pub free: u64,
+}
+
+pub fn heap_usage() -> Option<HeapUsage> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters (glibc 2.33 or later).
+        let info = unsafe { libc::mallinfo2() };
+        Some(HeapUsage {
+            in_use: (info.uordblks + info.hblkhd) as u64,
+            free: info.fordblks as u64,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}

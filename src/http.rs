@@ -149,8 +149,20 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Document counters, plus what the allocator holds (for telling live memory from free
+/// memory the process keeps).
+#[derive(serde::Serialize)]
+struct StatsBody {
+    #[serde(flatten)]
+    docs: crate::doc::StatsSnapshot,
+    heap: Option<crate::alloc::HeapUsage>,
+}
+
 async fn stats(State(state): State<AppState>) -> impl IntoResponse {
-    Json(state.docs.stats())
+    Json(StatsBody {
+        docs: state.docs.stats(),
+        heap: crate::alloc::heap_usage(),
+    })
 }
 
 async fn prometheus(State(state): State<AppState>) -> Response {

@@ -250,6 +250,12 @@ async fn thousand_uploads_compact_and_reload() {
         stats["compactions"].as_u64().unwrap() > 0,
         "no compaction ran: {stats}"
     );
+    // The allocator's figures (glibc): a relay that merged 1,000 uploads holds some memory.
+    if cfg!(all(target_os = "linux", target_env = "gnu")) {
+        let in_use = stats["heap"]["in_use"].as_u64().unwrap_or(0);
+        assert!(in_use > 1 << 20, "heap in use {in_use}: {stats}");
+        assert!(stats["heap"]["free"].is_u64(), "{stats}");
+    }
     let expected = heads_hex(&mut doc);
     relay.terminate();
     relay.restart();
