@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::etag::etag_for;
 use super::peer::{Outgoing, PeerLink};
-use super::peer_sync::PeerSync;
+use super::peer_sync::{ChangeMetas, PeerSync};
 use super::registry::{Gauge, Inner, Precondition};
 use super::ConnId;
 use crate::error::RelayError;
@@ -1224,13 +1224,14 @@ fn repo_exchange(
     let mut out = Vec::new();
     let mut urgent: HashSet<ConnId> = HashSet::new();
     let mut unavailable: HashSet<ConnId> = HashSet::new();
+    let mut metas = ChangeMetas::default();
     for (conn, message, request, had_changes) in messages {
         let Some(peer) = peers.get_mut(&conn) else {
             continue;
         };
         let their_heads_empty = message.heads.is_empty();
         // Its changes were merged with the batch: only the bookkeeping is left.
-        peer.receive(doc, message, had_changes);
+        peer.receive_with(doc, message, had_changes, &mut metas);
         if had_changes || request || peer.last_sent.is_none() {
             urgent.insert(conn);
         } else {

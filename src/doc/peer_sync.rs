@@ -23,6 +23,29 @@ use std::collections::{HashMap, HashSet};
 use automerge::sync::{self, Capability, MessageFlags};
 use automerge::{ActorId, Automerge, AutomergeError, ChangeHash};
 
+/// Actor, sequence number and dependencies of changes, each looked up in the document once
+/// for every peer of a turn: automerge builds every lookup from its op set, and in a storm all
+/// peers acknowledge the same new changes. Valid for one state of one document; make a fresh
+/// one per turn.
+#[derive(Default)]
+pub struct ChangeMetas(HashMap<ChangeHash, Option<(ActorId, u64, Vec<ChangeHash>)>>);
+
+impl ChangeMetas {
+    fn get(
+        &mut self,
+        doc: &Automerge,
+        hash: &ChangeHash,
+    ) -> Option<&(ActorId, u64, Vec<ChangeHash>)> {
+        self.0
+            .entry(*hash)
+            .or_insert_with(|| {
+                doc.get_change_meta_by_hash(hash)
+                    .map(|m| (m.actor.into_owned(), m.seq, m.deps))
+            })
+            .as_ref()
+    }
+}
+
 /// What [`PeerSync::trim_sent`] found.
 struct Walk {
     /// Changes walked (those the peer gained since its previous heads); the tests check that
@@ -58,6 +81,17 @@ impl PeerSync {
     /// Takes in one sync message from the peer whose changes `doc` already holds (the message's
     /// `changes` are ignored). `had_changes` says whether it carried any.
     pub fn receive(&mut self, doc: &Automerge, message: sync::Message, had_changes: bool) {
+        self.receive_with(doc, message, had_changes, &mut ChangeMetas::default());
+    }
+
+    /// [`PeerSync::receive`], sharing change lookups with the other peers of the same turn.
+    pub fn receive_with(
+        &mut self,
+        doc: &Automerge,
+        message: sync::Message,
+        had_changes: bool,
+        metas: &mut ChangeMetas,
+    ) {
         let state = &mut self.state;
         state.in_flight = false;
         let sync::Message {
@@ -79,7 +113,7 @@ impl PeerSync {
             }
             state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
         }
-        let walk = self.trim_sent(doc, &heads);
+        let walk = self.trim_sent(doc, &heads, metas);
         let known: Vec<ChangeHash> = heads
             .iter()
             .filter(|h| !walk.unknown.contains(h))
@@ -144,7 +178,12 @@ impl PeerSync {
     /// Advances the peer's clock to `heads`, walking only the changes that are not already
     /// below its previous heads, then removes from `sent_hashes` every change the clock says
     /// the peer has.
-    fn trim_sent(&mut self, doc: &Automerge, heads: &[ChangeHash]) -> Walk {
+    fn trim_sent(
+        &mut self,
+        doc: &Automerge,
+        heads: &[ChangeHash],
+        metas: &mut ChangeMetas,
+    ) -> Walk {
         let mut gained: Vec<(ActorId, u64)> = Vec::new();
         let mut seen: HashSet<ChangeHash> = HashSet::new();
         let mut unknown: HashSet<ChangeHash> = HashSet::new();
@@ -153,17 +192,17 @@ impl PeerSync {
             if !seen.insert(hash) {
                 continue;
             }
-            let Some(meta) = doc.get_change_meta_by_hash(&hash) else {
+            let Some((actor, seq, deps)) = metas.get(doc, &hash) else {
                 // The dependencies of a change we hold are held too: this is one of `heads`.
                 unknown.insert(hash);
                 continue;
             };
-            if self.has(meta.actor.as_ref(), meta.seq) {
+            if self.has(actor, *seq) {
                 // Below the peer's previous heads, with everything under it.
                 continue;
             }
-            gained.push((meta.actor.into_owned(), meta.seq));
-            stack.extend(meta.deps);
+            gained.push((actor.clone(), *seq));
+            stack.extend_from_slice(deps);
         }
         #[cfg(test)]
         let walked = gained.len();
@@ -177,8 +216,9 @@ impl PeerSync {
                 .sent_hashes
                 .iter()
                 .filter(|h| {
-                    doc.get_change_meta_by_hash(h)
-                        .is_some_and(|m| self.has(m.actor.as_ref(), m.seq))
+                    metas
+                        .get(doc, h)
+                        .is_some_and(|(actor, seq, _)| self.has(actor, *seq))
                 })
                 .copied()
                 .collect();
@@ -339,7 +379,11 @@ mod tests {
             flags: None,
             version: sync::MessageVersion::V1,
         };
-        assert_eq!(peer.trim_sent(doc.document(), &old_heads).walked, 501);
+        let fresh = &mut ChangeMetas::default();
+        assert_eq!(
+            peer.trim_sent(doc.document(), &old_heads, fresh).walked,
+            501
+        );
         assert_eq!(peer.their_clock.values().copied().max(), Some(501));
         type_into(&mut doc, &text, "abc");
         let last = doc.get_heads()[0];
@@ -348,10 +392,59 @@ mod tests {
         let unseen = ChangeHash([7; 32]);
         peer.state.sent_hashes.insert(unseen);
         let heads = doc.get_heads();
-        assert_eq!(peer.trim_sent(doc.document(), &heads).walked, 3);
+        let fresh = &mut ChangeMetas::default();
+        assert_eq!(peer.trim_sent(doc.document(), &heads, fresh).walked, 3);
         peer.receive(doc.document(), message(heads), false);
         assert!(!peer.state.sent_hashes.contains(&last));
         assert!(peer.state.sent_hashes.contains(&unseen));
         assert_eq!(peer.their_clock.values().copied().max(), Some(504));
+    }
+
+    /// Peers of one turn share their change lookups: the states come out as with lookups of
+    /// their own, and each change is looked up once.
+    #[test]
+    fn peers_of_a_turn_share_change_lookups() {
+        let mut doc = AutoCommit::new();
+        let text = doc.put_object(ROOT, "text", ObjType::Text).unwrap();
+        doc.commit();
+        type_into(&mut doc, &text, "hello");
+        let start = doc.get_heads();
+        type_into(&mut doc, &text, " world");
+        let message = |heads: Vec<ChangeHash>| sync::Message {
+            heads,
+            need: vec![],
+            have: vec![],
+            changes: sync::ChunkList::empty(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        };
+        let sent: Vec<ChangeHash> = doc.get_changes(&start).iter().map(|c| c.hash()).collect();
+        let heads = doc.get_heads();
+        let mut shared = ChangeMetas::default();
+        let mut alone: Vec<PeerSync> = Vec::new();
+        let mut together: Vec<PeerSync> = Vec::new();
+        for _ in 0..3 {
+            for (peers, metas) in [(&mut alone, None), (&mut together, Some(&mut shared))] {
+                let mut peer = PeerSync::default();
+                peer.receive(doc.document(), message(start.clone()), false);
+                peer.state.sent_hashes.extend(sent.iter().copied());
+                match metas {
+                    Some(m) => peer.receive_with(doc.document(), message(heads.clone()), false, m),
+                    None => peer.receive(doc.document(), message(heads.clone()), false),
+                }
+                peers.push(peer);
+            }
+        }
+        for (a, b) in alone.iter().zip(&together) {
+            assert!(
+                b.state.sent_hashes.is_empty(),
+                "the peer has every sent change"
+            );
+            assert_eq!(a.state.sent_hashes, b.state.sent_hashes);
+            assert_eq!(a.state.shared_heads, b.state.shared_heads);
+            assert_eq!(a.their_clock, b.their_clock);
+        }
+        // Every change (the six new ones, "hello" and the text object's) at most once.
+        assert!(shared.0.len() <= 12, "{} lookups", shared.0.len());
     }
 }
