@@ -14,7 +14,7 @@ use std::mem;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use automerge::sync::{self, SyncDoc};
+use automerge::sync;
 use automerge::{Automerge, ChangeHash, SaveOptions};
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::etag::etag_for;
 use super::peer::{Outgoing, PeerLink};
-use super::peer_sync::{ChangeMetas, PeerSync};
+use super::peer_sync::{ChangeMetas, PeerSync, TurnMessages};
 use super::registry::{Gauge, Inner, Precondition};
 use super::ConnId;
 use crate::error::RelayError;
@@ -1243,6 +1243,7 @@ fn repo_exchange(
     }
     let our_heads = doc.get_heads();
     let doc_empty = our_heads.is_empty();
+    let mut messages = TurnMessages::default();
     let mut next_due: Option<std::time::Instant> = None;
     let mut conns: Vec<ConnId> = peers.keys().copied().collect();
     conns.sort_unstable();
@@ -1275,13 +1276,13 @@ fn repo_exchange(
         if peer.has_nothing_to_hear(&our_heads) {
             continue;
         }
-        if let Some(msg) = doc.generate_sync_message(&mut peer.state) {
+        if let Some(data) = messages.generate(doc, peer) {
             peer.last_sent = Some(now);
             out.push((
                 conn,
                 Outgoing::Sync {
                     doc: id.clone(),
-                    data: msg.encode(),
+                    data,
                 },
             ));
         }

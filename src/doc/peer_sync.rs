@@ -46,6 +46,43 @@ impl ChangeMetas {
     }
 }
 
+/// The sync messages of one turn, by the sync state they were generated from. Peers in the
+/// same state (in a storm, every peer that acknowledged the last push and typed nothing since)
+/// get the same message, and generating one costs far more than receiving: automerge rebuilds
+/// each change from its op set and computes the peer's changes and a bloom filter every time.
+/// A peer whose state equals an earlier one of the turn takes that message and the state it
+/// left behind, exactly what generating would have produced. Valid for one state of one
+/// document; make a fresh one per turn.
+#[derive(Default)]
+pub struct TurnMessages {
+    by_state: HashMap<sync::State, (sync::State, Option<Vec<u8>>)>,
+    /// Messages generated (not shared), for the tests.
+    #[cfg(test)]
+    generated: usize,
+}
+
+impl TurnMessages {
+    /// The encoded sync message for `peer`, as `generate_sync_message` would make it.
+    pub fn generate(&mut self, doc: &Automerge, peer: &mut PeerSync) -> Option<Vec<u8>> {
+        use automerge::sync::SyncDoc;
+        if let Some((after, data)) = self.by_state.get(&peer.state) {
+            peer.state.clone_from(after);
+            return data.clone();
+        }
+        let before = peer.state.clone();
+        let data = doc
+            .generate_sync_message(&mut peer.state)
+            .map(|m| m.encode());
+        #[cfg(test)]
+        {
+            self.generated += 1;
+        }
+        self.by_state
+            .insert(before, (peer.state.clone(), data.clone()));
+        data
+    }
+}
+
 /// What [`PeerSync::trim_sent`] found.
 struct Walk {
     /// Changes walked (those the peer gained since its previous heads); the tests check that
@@ -446,5 +483,60 @@ mod tests {
         }
         // Every change (the six new ones, "hello" and the text object's) at most once.
         assert!(shared.0.len() <= 12, "{} lookups", shared.0.len());
+    }
+
+    /// Peers in equal states share one generated message and end in the same state as if
+    /// each had generated its own; a peer in another state gets its own message.
+    #[test]
+    fn peers_in_the_same_state_share_a_message() {
+        let mut doc = AutoCommit::new();
+        let text = doc.put_object(ROOT, "text", ObjType::Text).unwrap();
+        doc.commit();
+        type_into(&mut doc, &text, "shared");
+        let base = doc.get_heads();
+        let first = doc.get_changes(&[])[0].hash();
+        let now = doc.document().clone();
+        let message = |heads: Vec<ChangeHash>| sync::Message {
+            heads,
+            need: vec![],
+            have: vec![sync::Have::default()],
+            changes: sync::ChunkList::empty(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        };
+        let make = |heads: &[ChangeHash]| {
+            let mut peer = PeerSync::default();
+            peer.receive(&now, message(heads.to_vec()), false);
+            peer
+        };
+        let mut turn = TurnMessages::default();
+        let mut shared = [make(&[]), make(&[]), make(&[first]), make(&[])];
+        let mut alone = [make(&[]), make(&[]), make(&[first]), make(&[])];
+        for (a, b) in shared.iter_mut().zip(alone.iter_mut()) {
+            let got = turn.generate(doc.document(), a);
+            let want = doc
+                .document()
+                .generate_sync_message(&mut b.state)
+                .map(|m| m.encode());
+            assert!(got.is_some());
+            assert_eq!(got, want);
+            assert_eq!(a.state, b.state);
+        }
+        // Three peers with nothing, one with the first change: two messages generated.
+        assert_eq!(turn.generated, 2);
+        // The next turn, after the document moved on, starts afresh.
+        type_into(&mut doc, &text, "!");
+        assert_ne!(doc.get_heads(), base);
+        let now = doc.document().clone();
+        let mut turn = TurnMessages::default();
+        for (a, b) in shared.iter_mut().zip(alone.iter_mut()) {
+            a.receive(&now, message(base.clone()), false);
+            b.receive(&now, message(base.clone()), false);
+            let got = turn.generate(&now, a);
+            let want = now.generate_sync_message(&mut b.state).map(|m| m.encode());
+            assert_eq!(got, want);
+            assert_eq!(a.state, b.state);
+        }
+        assert_eq!(turn.generated, 1);
     }
 }
