@@ -62,6 +62,18 @@ struct Progress {
     typing: AtomicBool,
 }
 
+/// How many clients' heads differ from their document's (client `n` follows document
+/// `n % documents`).
+fn behind(clients: &Mutex<Vec<(usize, Vec<ChangeHash>)>>, expected: &[Vec<ChangeHash>]) -> usize {
+    clients
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(n, (_, h))| *h != expected[n % expected.len()])
+        .count()
+}
+
 impl Progress {
     fn error(&self, what: String) {
         if self.errors.fetch_add(1, Ordering::Relaxed) < 10 {
@@ -391,22 +403,8 @@ fn main() {
             for id in &ids {
                 expected.push(server_heads(&c, &base, id).await.unwrap_or_default());
             }
-            behind_subs = progress
-                .mirrors
-                .lock()
-                .unwrap()
-                .iter()
-                .enumerate()
-                .filter(|(n, (_, h))| *h != expected[n % s.docs])
-                .count();
-            behind_peers = progress
-                .peers
-                .lock()
-                .unwrap()
-                .iter()
-                .enumerate()
-                .filter(|(n, (_, h))| *h != expected[n % s.docs])
-                .count();
+            behind_subs = behind(&progress.mirrors, &expected);
+            behind_peers = behind(&progress.peers, &expected);
             if behind_subs == 0 && behind_peers == 0 {
                 break;
             }

@@ -400,6 +400,18 @@ mod tests {
         );
     }
 
+    /// A sync message that carries only `heads` (an acknowledgement).
+    fn heads_only(heads: Vec<ChangeHash>) -> sync::Message {
+        sync::Message {
+            heads,
+            need: vec![],
+            have: vec![],
+            changes: sync::ChunkList::empty(),
+            flags: None,
+            version: sync::MessageVersion::V1,
+        }
+    }
+
     #[test]
     fn the_walk_stops_at_what_the_peer_already_had() {
         let mut doc = AutoCommit::new();
@@ -408,14 +420,6 @@ mod tests {
         type_into(&mut doc, &text, &"x".repeat(500));
         let mut peer = PeerSync::default();
         let old_heads = doc.get_heads();
-        let message = |heads: Vec<ChangeHash>| sync::Message {
-            heads,
-            need: vec![],
-            have: vec![],
-            changes: sync::ChunkList::empty(),
-            flags: None,
-            version: sync::MessageVersion::V1,
-        };
         let fresh = &mut ChangeMetas::default();
         assert_eq!(
             peer.trim_sent(doc.document(), &old_heads, fresh).walked,
@@ -431,7 +435,7 @@ mod tests {
         let heads = doc.get_heads();
         let fresh = &mut ChangeMetas::default();
         assert_eq!(peer.trim_sent(doc.document(), &heads, fresh).walked, 3);
-        peer.receive(doc.document(), message(heads), false);
+        peer.receive(doc.document(), heads_only(heads), false);
         assert!(!peer.state.sent_hashes.contains(&last));
         assert!(peer.state.sent_hashes.contains(&unseen));
         assert_eq!(peer.their_clock.values().copied().max(), Some(504));
@@ -447,14 +451,6 @@ mod tests {
         type_into(&mut doc, &text, "hello");
         let start = doc.get_heads();
         type_into(&mut doc, &text, " world");
-        let message = |heads: Vec<ChangeHash>| sync::Message {
-            heads,
-            need: vec![],
-            have: vec![],
-            changes: sync::ChunkList::empty(),
-            flags: None,
-            version: sync::MessageVersion::V1,
-        };
         let sent: Vec<ChangeHash> = doc.get_changes(&start).iter().map(|c| c.hash()).collect();
         let heads = doc.get_heads();
         let mut shared = ChangeMetas::default();
@@ -463,11 +459,13 @@ mod tests {
         for _ in 0..3 {
             for (peers, metas) in [(&mut alone, None), (&mut together, Some(&mut shared))] {
                 let mut peer = PeerSync::default();
-                peer.receive(doc.document(), message(start.clone()), false);
+                peer.receive(doc.document(), heads_only(start.clone()), false);
                 peer.state.sent_hashes.extend(sent.iter().copied());
                 match metas {
-                    Some(m) => peer.receive_with(doc.document(), message(heads.clone()), false, m),
-                    None => peer.receive(doc.document(), message(heads.clone()), false),
+                    Some(m) => {
+                        peer.receive_with(doc.document(), heads_only(heads.clone()), false, m)
+                    }
+                    None => peer.receive(doc.document(), heads_only(heads.clone()), false),
                 }
                 peers.push(peer);
             }
@@ -497,12 +495,8 @@ mod tests {
         let first = doc.get_changes(&[])[0].hash();
         let now = doc.document().clone();
         let message = |heads: Vec<ChangeHash>| sync::Message {
-            heads,
-            need: vec![],
             have: vec![sync::Have::default()],
-            changes: sync::ChunkList::empty(),
-            flags: None,
-            version: sync::MessageVersion::V1,
+            ..heads_only(heads)
         };
         let make = |heads: &[ChangeHash]| {
             let mut peer = PeerSync::default();

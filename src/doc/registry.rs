@@ -175,7 +175,7 @@ pub(super) struct Inner {
     generations: AtomicU64,
     /// Wakes the evictor early: a new owner was started (documents can be loaded faster than
     /// a periodic check would evict them).
-    owner_started: tokio::sync::Notify,
+    owner_started: Arc<tokio::sync::Notify>,
 }
 
 impl Inner {
@@ -306,25 +306,25 @@ impl Documents {
             stats: Stats::default(),
             owners: DashMap::new(),
             generations: AtomicU64::new(1),
-            owner_started: tokio::sync::Notify::new(),
+            owner_started: Arc::new(tokio::sync::Notify::new()),
         });
         // The evictor: checks the budget a few times a second, and soon after owners start
         // (at most every EVICT_PAUSE, so a burst of new documents costs a few checks, not one
         // per document); stops with the registry.
         let weak = Arc::downgrade(&inner);
+        let owner_started = inner.owner_started.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
-                {
-                    let Some(inner) = weak.upgrade() else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = inner.owner_started.notified() => {}
-                    }
-                    inner.evict_over_budget();
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = owner_started.notified() => {}
                 }
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                inner.evict_over_budget();
+                drop(inner);
                 tokio::time::sleep(EVICT_PAUSE).await;
             }
         });
