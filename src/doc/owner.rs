@@ -42,7 +42,8 @@ pub struct WriteRequest {
     pub precondition: Precondition,
     /// The connection that sent it, if any (not echoed back to it).
     pub origin: Option<ConnId>,
-    pub reply: Reply<WriteOutcome>,
+    /// Who waits for the outcome (nobody, for a repo peer's changes unless its socket asks).
+    pub reply: Option<Reply<WriteOutcome>>,
 }
 
 /// The result of a durable write.
@@ -132,6 +133,8 @@ pub struct RepoSync {
     pub upload: Option<Upload>,
     /// It came as a `request` (the peer lacks the document).
     pub request: bool,
+    /// Told once the message's changes are durable (or failed).
+    pub reply: Option<Reply<WriteOutcome>>,
 }
 
 /// One received repo sync message: (connection, message without its changes, was it a
@@ -468,14 +471,14 @@ impl Owner {
                         message,
                         upload,
                         request,
+                        reply,
                     } = *sync;
                     let conn = link.conn;
                     self.repo_links.entry(conn).or_insert(link);
                     self.repo_states.entry(conn).or_default();
                     let had_changes = upload.is_some();
                     if let Some(upload) = upload {
-                        // Merged in the same batch as every other upload; nobody awaits it.
-                        let (reply, _) = oneshot::channel();
+                        // Merged in the same batch as every other upload.
                         segment.writes.push(WriteRequest {
                             upload,
                             precondition: Precondition::None,
@@ -703,7 +706,9 @@ impl Owner {
         }
         let etag = etag_for(&heads);
         for (w, result) in writes.into_iter().zip(results) {
-            let _ = w.reply.send(result);
+            if let Some(reply) = w.reply {
+                let _ = reply.send(result);
+            }
         }
         if let Some(batch) = push {
             self.push(DocEvent::Changes(Arc::new(batch)));
@@ -899,7 +904,9 @@ impl Command {
     pub(super) fn fail(self, err: RelayError) {
         match self {
             Command::Write(w) => {
-                let _ = w.reply.send(Err(err));
+                if let Some(reply) = w.reply {
+                    let _ = reply.send(Err(err));
+                }
             }
             Command::Read { reply, .. } => {
                 let _ = reply.send(Err(err));
@@ -921,8 +928,8 @@ fn fail_all(
     subscribes: Vec<(ConnId, usize, Reply<Subscription>)>,
     err: &RelayError,
 ) {
-    for w in writes {
-        let _ = w.reply.send(Err(err.clone()));
+    for reply in writes.into_iter().filter_map(|w| w.reply) {
+        let _ = reply.send(Err(err.clone()));
     }
     for (_, r) in reads {
         let _ = r.send(Err(err.clone()));

@@ -368,7 +368,7 @@ impl Documents {
                 upload,
                 precondition,
                 origin,
-                reply,
+                reply: Some(reply),
             }))
         })
         .await
@@ -400,6 +400,8 @@ impl Documents {
     }
 
     /// Hands an automerge-repo sync message to the document's owner (replies go to `link`).
+    /// When it carries changes, the receiver tells once they are durable (or failed), so a
+    /// socket can wait for what it forwarded before it closes.
     pub async fn repo_sync(
         &self,
         id: &DocId,
@@ -407,14 +409,23 @@ impl Documents {
         message: automerge::sync::Message,
         upload: Option<Upload>,
         request: bool,
-    ) {
+    ) -> Option<oneshot::Receiver<Result<WriteOutcome, RelayError>>> {
+        let (reply, done) = match upload {
+            Some(_) => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let cmd = Command::RepoSync(Box::new(RepoSync {
             link,
             message,
             upload,
             request,
+            reply,
         }));
         self.inner.forward(id, cmd).await;
+        done
     }
 
     /// Tells the document's owner that a repo connection is gone.
