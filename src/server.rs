@@ -96,6 +96,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         result
     });
     shutdown.cancelled().await;
+    let deadline = tokio::time::Instant::now() + grace;
     match tokio::time::timeout(grace, serve).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
@@ -105,7 +106,10 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
             "in-flight requests did not finish within the grace period"
         ),
     }
-    docs.flush()
+    // Then the document owners: what the transports handed them is merged, persisted and
+    // answered before the final flush.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    docs.close(left.max(Duration::from_secs(1)))
         .await
         .map_err(|e| ServeError::Store(e.to_string()))?;
     tracing::info!("store flushed; bye");

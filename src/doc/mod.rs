@@ -2,22 +2,38 @@
 //!
 //! Transports never touch an `Automerge` value or the store: they send commands to the
 //! document's owner through [`Documents`] and await the reply.
+//!
+//! - `api`: commands, outcomes and preconditions;
+//! - `registry`: [`Documents`], at most one owner per id; `evictor`: the memory budget;
+//! - `owner`: the task loop and the document's lifecycle; `turn`: a merged turn waiting for
+//!   its durable write; `merge`: the pure batch merge; `exchange` + `peer_sync`: the repo
+//!   peers' sync; `chunks`: stored chunks and their totals; `listeners`: subscribers and peers;
+//! - `shared`: settings and counters every owner shares, and the owners' narrow handle.
 
+mod api;
+mod chunks;
 mod etag;
+mod evictor;
+mod exchange;
+mod listeners;
+mod merge;
 mod owner;
 mod peer;
 mod peer_sync;
 mod registry;
+mod shared;
+mod stats;
 #[cfg(test)]
 mod tests;
+mod turn;
 
+pub use api::{DocEvent, Precondition, PushBatch, ReadOutcome, Subscription, WriteOutcome};
 pub use etag::{etag_for, parse_heads};
-pub use owner::{
-    Command, DocEvent, PushBatch, ReadOutcome, Subscription, WriteOutcome, WriteRequest,
-};
 pub use peer::{Outgoing, PeerLink};
 pub use peer_sync::PeerSync;
-pub use registry::{DocConfig, Documents, Precondition, StatsSnapshot};
+pub use registry::Documents;
+pub use shared::DocConfig;
+pub use stats::StatsSnapshot;
 
 /// Identifies a live connection, so a client is not sent a batch made only of its own changes.
 pub type ConnId = u64;

@@ -1,4 +1,5 @@
-//! The registry of document owners: at most one owner task per document id.
+//! The registry of document owners: at most one owner task per document id, and
+//! [`Documents`], the entry point transports use.
 //!
 //! Owners are created on first use and retire themselves when their document does not exist
 //! and nobody listens (so a flood of requests for unknown ids costs nothing lasting). Retiring
@@ -6,38 +7,30 @@
 //! owner, so a document never has two owners at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use automerge::ChangeHash;
 use dashmap::DashMap;
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use super::owner::{
-    Command, Owner, ReadOutcome, RepoSync, Subscription, WriteOutcome, WriteRequest,
+use super::api::{
+    Command, Precondition, ReadOutcome, ReadRequest, RepoSync, SubscribeRequest, Subscription,
+    WriteJob, WriteOutcome, WriteRequest,
 };
-use super::{ConnId, PeerLink};
+use super::evictor::{self, Candidate, Gauge};
+use super::owner::Owner;
+use super::peer::PeerLink;
+use super::shared::{DocConfig, Forwarding, Registrar, Shared};
+use super::stats::StatsSnapshot;
+use super::ConnId;
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::storage::Store;
 use crate::upload::{Hint, Upload};
 
-/// Least time between two runs of the evictor.
-const EVICT_PAUSE: Duration = Duration::from_millis(10);
-
 /// Commands that may wait in one owner's queue before senders wait.
 const OWNER_QUEUE: usize = 4096;
-
-/// Opt-in compare-and-set on writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Precondition {
-    None,
-    /// `If-Match`: one of these ETags (or `*`) must be current.
-    IfMatch(Vec<String>),
-    /// `If-None-Match: *`: the document must not exist.
-    IfNoneMatchAny,
-}
 
 struct OwnerHandle {
     generation: u64,
@@ -46,136 +39,39 @@ struct OwnerHandle {
     gauge: Arc<Gauge>,
 }
 
-/// Fixed memory of one hot document's owner (document, task, queues, bookkeeping), in bytes.
-pub(super) const OWNER_BASE_BYTES: u64 = 24 * 1024;
-/// In-memory bytes per byte of raw changes (incremental chunks).
-pub(super) const RAW_FACTOR: u64 = 2;
-/// In-memory bytes per byte of compressed save (snapshot chunks).
-pub(super) const SNAPSHOT_FACTOR: u64 = 100;
-
-/// What the evictor needs to know about one owner, updated by the owner after every turn.
-#[derive(Default, Debug)]
-pub(super) struct Gauge {
-    pub(super) bytes: AtomicU64,
-    /// Milliseconds since the process started, at the owner's last turn.
-    pub(super) last_used: AtomicU64,
-    /// Has subscribers, repo peers or work in flight: never evicted.
-    pub(super) pinned: AtomicBool,
-}
-
-impl Gauge {
-    pub(super) fn touch(&self) {
-        self.last_used.store(uptime_ms(), Ordering::Relaxed);
-    }
-}
-
-fn uptime_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
-
-/// Counters for benchmarks and operators.
-#[derive(Default, Debug)]
-pub struct Stats {
-    batches: AtomicU64,
-    batched_writes: AtomicU64,
-    apply_micros: AtomicU64,
-    persists: AtomicU64,
-    persist_micros: AtomicU64,
-    loads: AtomicU64,
-    compactions: AtomicU64,
-    overflows: AtomicU64,
-    evictions: AtomicU64,
-}
-
-#[derive(Serialize, Debug, Clone, Copy)]
-pub struct StatsSnapshot {
-    pub batches: u64,
-    pub batched_writes: u64,
-    pub apply_micros: u64,
-    pub persists: u64,
-    pub persist_micros: u64,
-    pub loads: u64,
-    pub compactions: u64,
-    /// Idle documents dropped from memory to stay within the budget.
-    pub evictions: u64,
-    /// Estimated memory of the hot documents, in bytes.
-    pub hot_bytes: u64,
-    /// Events dropped for full subscriber queues (each followed by a catch-up).
-    pub subscriber_overflows: u64,
-    pub hot_documents: u64,
-}
-
-impl Stats {
-    pub(super) fn batch(&self, writes: usize, apply: Duration) {
-        if writes > 0 {
-            metrics::histogram!(crate::metrics::BATCH_WRITES).record(writes as f64);
-            metrics::histogram!(crate::metrics::APPLY_SECONDS).record(apply.as_secs_f64());
-            self.batches.fetch_add(1, Ordering::Relaxed);
-            self.batched_writes
-                .fetch_add(writes as u64, Ordering::Relaxed);
-            self.apply_micros
-                .fetch_add(apply.as_micros() as u64, Ordering::Relaxed);
-        }
-    }
-    pub(super) fn persisted(&self, took: Duration) {
-        metrics::histogram!(crate::metrics::PERSIST_SECONDS).record(took.as_secs_f64());
-        self.persists.fetch_add(1, Ordering::Relaxed);
-        self.persist_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-    }
-    pub(super) fn loaded(&self) {
-        metrics::counter!(crate::metrics::LOADED).increment(1);
-        self.loads.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(super) fn evicted(&self) {
-        metrics::counter!(crate::metrics::EVICTED).increment(1);
-        self.evictions.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(super) fn overflowed(&self) {
-        metrics::counter!(crate::metrics::OVERFLOWS).increment(1);
-        self.overflows.fetch_add(1, Ordering::Relaxed);
-    }
-    pub(super) fn compacted(&self) {
-        metrics::counter!(crate::metrics::COMPACTIONS).increment(1);
-        self.compactions.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Tuning of the document layer.
-#[derive(Debug, Clone)]
-pub struct DocConfig {
-    /// Least time between two sync messages to one automerge-repo peer, except for answers to
-    /// its own changes and requests (those go at once).
-    pub repo_sync_interval: Duration,
-    /// Estimated memory the hot documents may use before idle ones are evicted.
-    pub memory_budget: u64,
-    /// Largest stored size a document may grow to; writes past it are refused (413).
-    pub max_doc_size: u64,
-}
-
-impl Default for DocConfig {
-    fn default() -> Self {
-        Self {
-            repo_sync_interval: Duration::from_millis(50),
-            memory_budget: 512 << 20,
-            max_doc_size: 256 << 20,
-        }
-    }
-}
-
-pub(super) struct Inner {
-    pub(super) store: Arc<dyn Store>,
-    pub(super) config: DocConfig,
-    pub(super) stats: Stats,
+struct Inner {
+    shared: Arc<Shared>,
     owners: DashMap<DocId, OwnerHandle>,
-    generations: AtomicU64,
     /// Wakes the evictor early: a new owner was started (documents can be loaded faster than
     /// a periodic check would evict them).
-    owner_started: Arc<tokio::sync::Notify>,
+    owner_started: Arc<Notify>,
+    /// Set by [`Documents::close`]: no new commands.
+    closed: AtomicBool,
+    /// Given to every owner (it holds the registry weakly, so owners never keep it alive).
+    handle: Arc<dyn Registrar>,
+}
+
+/// What owners see of the registry.
+struct RegistryHandle(Weak<Inner>);
+
+impl Registrar for RegistryHandle {
+    fn retire(&self, id: &DocId, generation: u64) -> bool {
+        self.0.upgrade().is_some_and(|inner| {
+            inner
+                .owners
+                .remove_if(id, |_, h| h.generation == generation)
+                .is_some()
+        })
+    }
+
+    fn forward(&self, id: DocId, cmd: Command) -> Forwarding<'_> {
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(inner) => inner.forward(&id, cmd).await,
+                None => cmd.fail(RelayError::ShuttingDown),
+            }
+        })
+    }
 }
 
 impl Inner {
@@ -185,40 +81,47 @@ impl Inner {
         }
         self.owners
             .entry(id.clone())
-            .or_insert_with(|| {
-                let generation = self.generations.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = mpsc::channel(OWNER_QUEUE);
-                let (hint_tx, hint) = watch::channel(Hint {
-                    epoch: self.next_epoch(),
-                    heads: Vec::new(),
-                });
-                let gauge = Arc::new(Gauge::default());
-                gauge.touch();
-                let owner = Owner::new(
-                    id.clone(),
-                    generation,
-                    self.clone(),
-                    rx,
-                    hint_tx,
-                    gauge.clone(),
-                );
-                tokio::spawn(Box::new(owner).run());
-                self.owner_started.notify_one();
-                OwnerHandle {
-                    generation,
-                    tx,
-                    hint,
-                    gauge,
-                }
-            })
+            .or_insert_with(|| self.start_owner(id))
             .tx
             .clone()
     }
 
+    fn start_owner(&self, id: &DocId) -> OwnerHandle {
+        let shared = &self.shared;
+        let generation = shared.next_epoch();
+        let (tx, rx) = mpsc::channel(OWNER_QUEUE);
+        let (hint_tx, hint) = watch::channel(Hint {
+            epoch: shared.next_epoch(),
+            heads: Vec::new(),
+        });
+        let gauge = Arc::new(Gauge::default());
+        gauge.touch();
+        let owner = Owner::new(
+            id.clone(),
+            generation,
+            shared.clone(),
+            self.handle.clone(),
+            rx,
+            hint_tx,
+            gauge.clone(),
+        );
+        shared.tasks.spawn(Box::new(owner).run());
+        self.owner_started.notify_one();
+        OwnerHandle {
+            generation,
+            tx,
+            hint,
+            gauge,
+        }
+    }
+
     /// Sends `cmd` to the document's owner, starting one if needed.
-    pub(super) async fn forward(self: &Arc<Self>, id: &DocId, cmd: Command) {
+    async fn forward(self: &Arc<Self>, id: &DocId, cmd: Command) {
         let mut cmd = cmd;
         for _ in 0..3 {
+            if self.closed.load(Ordering::Acquire) {
+                break;
+            }
             let tx = self.sender(id);
             match tx.send(cmd).await {
                 Ok(()) => return,
@@ -229,7 +132,11 @@ impl Inner {
                 }
             }
         }
-        cmd.fail(RelayError::Internal("document owner unavailable".into()));
+        if self.closed.load(Ordering::Acquire) {
+            cmd.fail(RelayError::ShuttingDown);
+        } else {
+            cmd.fail(RelayError::Internal("document owner unavailable".into()));
+        }
     }
 
     /// Estimated memory of all hot documents.
@@ -238,52 +145,6 @@ impl Inner {
             .iter()
             .map(|h| h.gauge.bytes.load(Ordering::Relaxed))
             .sum()
-    }
-
-    /// Asks the least recently used idle owners to leave until the estimate is back under
-    /// 90% of the budget. Owners decide for themselves (they may have become busy).
-    fn evict_over_budget(&self) {
-        let budget = self.config.memory_budget;
-        let total = self.hot_bytes();
-        if total <= budget {
-            return;
-        }
-        let mut idle: Vec<(u64, u64, mpsc::Sender<Command>)> = self
-            .owners
-            .iter()
-            .filter(|h| !h.gauge.pinned.load(Ordering::Relaxed))
-            .map(|h| {
-                (
-                    h.gauge.last_used.load(Ordering::Relaxed),
-                    h.gauge.bytes.load(Ordering::Relaxed),
-                    h.tx.clone(),
-                )
-            })
-            .collect();
-        idle.sort_unstable_by_key(|(used, _, _)| *used);
-        let target = budget / 10 * 9;
-        let mut projected = total;
-        for (_, bytes, tx) in idle {
-            if projected <= target {
-                break;
-            }
-            if tx.try_send(Command::Evict).is_ok() {
-                projected = projected.saturating_sub(bytes);
-            }
-        }
-        tracing::debug!(total, budget, projected, "evicting idle documents");
-    }
-
-    /// A number never handed out before (owner generations and document epochs).
-    pub(super) fn next_epoch(&self) -> u64 {
-        self.generations.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Removes the registry entry of owner `generation`; true when it was still registered.
-    pub(super) fn retire(&self, id: &DocId, generation: u64) -> bool {
-        self.owners
-            .remove_if(id, |_, h| h.generation == generation)
-            .is_some()
     }
 }
 
@@ -300,33 +161,26 @@ impl Documents {
     }
 
     pub fn with_config(store: Arc<dyn Store>, config: DocConfig) -> Self {
-        let inner = Arc::new(Inner {
-            store,
-            config,
-            stats: Stats::default(),
+        let budget = config.memory_budget;
+        let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {
+            shared: Arc::new(Shared::new(store, config)),
             owners: DashMap::new(),
-            generations: AtomicU64::new(1),
-            owner_started: Arc::new(tokio::sync::Notify::new()),
+            owner_started: Arc::new(Notify::new()),
+            closed: AtomicBool::new(false),
+            handle: Arc::new(RegistryHandle(weak.clone())),
         });
-        // The evictor: checks the budget a few times a second, and soon after owners start
-        // (at most every EVICT_PAUSE, so a burst of new documents costs a few checks, not one
-        // per document); stops with the registry.
         let weak = Arc::downgrade(&inner);
-        let owner_started = inner.owner_started.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = owner_started.notified() => {}
-                }
-                let Some(inner) = weak.upgrade() else {
-                    return;
-                };
-                inner.evict_over_budget();
-                drop(inner);
-                tokio::time::sleep(EVICT_PAUSE).await;
-            }
+        evictor::spawn(inner.owner_started.clone(), budget, move || {
+            let inner = weak.upgrade()?;
+            let owners = inner
+                .owners
+                .iter()
+                .map(|h| Candidate {
+                    gauge: h.gauge.clone(),
+                    tx: h.tx.clone(),
+                })
+                .collect();
+            Some(owners)
         });
         Self {
             inner,
@@ -365,9 +219,11 @@ impl Documents {
     ) -> Result<WriteOutcome, RelayError> {
         self.call(id, |reply| {
             Command::Write(Box::new(WriteRequest {
-                upload,
-                precondition,
-                origin,
+                job: WriteJob {
+                    upload,
+                    precondition,
+                    origin,
+                },
                 reply: Some(reply),
             }))
         })
@@ -380,7 +236,10 @@ impl Documents {
         id: &DocId,
         since: Option<Vec<ChangeHash>>,
     ) -> Result<ReadOutcome, RelayError> {
-        self.call(id, |reply| Command::Read { since, reply }).await
+        self.call(id, |reply| {
+            Command::Read(Box::new(ReadRequest { since, reply }))
+        })
+        .await
     }
 
     /// Deletes the document; false when it did not exist.
@@ -395,8 +254,10 @@ impl Documents {
         conn: ConnId,
         queue: usize,
     ) -> Result<Subscription, RelayError> {
-        self.call(id, |reply| Command::Subscribe { conn, queue, reply })
-            .await
+        self.call(id, |reply| {
+            Command::Subscribe(Box::new(SubscribeRequest { conn, queue, reply }))
+        })
+        .await
     }
 
     /// Hands an automerge-repo sync message to the document's owner (replies go to `link`).
@@ -440,15 +301,32 @@ impl Documents {
         limit: usize,
     ) -> Result<Vec<DocId>, RelayError> {
         self.inner
+            .shared
             .store
             .list(after, limit)
             .await
             .map_err(|e| RelayError::Storage(e.to_string()))
     }
 
-    /// Flushes the store (shutdown).
-    pub async fn flush(&self) -> Result<(), RelayError> {
-        self.inner
+    /// Shutdown: refuses new commands, lets every owner finish what is queued (merge,
+    /// persist, reply), waits for them and for the store writes they started (up to
+    /// `grace`), then flushes the store.
+    pub async fn close(&self, grace: Duration) -> Result<(), RelayError> {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::Release);
+        // Dropping the registry's senders ends each owner once its queue is empty.
+        inner.owners.clear();
+        let tasks = &inner.shared.tasks;
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                pending = tasks.len(),
+                "document owners did not finish within the grace period"
+            );
+        }
+        inner
+            .shared
             .store
             .flush()
             .await
@@ -456,19 +334,10 @@ impl Documents {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        let s = &self.inner.stats;
-        StatsSnapshot {
-            batches: s.batches.load(Ordering::Relaxed),
-            batched_writes: s.batched_writes.load(Ordering::Relaxed),
-            apply_micros: s.apply_micros.load(Ordering::Relaxed),
-            persists: s.persists.load(Ordering::Relaxed),
-            persist_micros: s.persist_micros.load(Ordering::Relaxed),
-            loads: s.loads.load(Ordering::Relaxed),
-            compactions: s.compactions.load(Ordering::Relaxed),
-            evictions: s.evictions.load(Ordering::Relaxed),
-            hot_bytes: self.inner.hot_bytes(),
-            subscriber_overflows: s.overflows.load(Ordering::Relaxed),
-            hot_documents: self.inner.owners.len() as u64,
-        }
+        let inner = &self.inner;
+        inner
+            .shared
+            .stats
+            .snapshot(inner.owners.len() as u64, inner.hot_bytes())
     }
 }

@@ -1,5 +1,6 @@
 //! The document owner's repo-sync side, driven without sockets: a real automerge peer
-//! exchanges sync messages with the owner through the sans-IO protocol core.
+//! exchanges sync messages with the owner through the sans-IO protocol core. (Push
+//! coalescing is tested with time passed in, in `exchange.rs`.)
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -85,35 +86,6 @@ impl Peer {
             }
         }
         true
-    }
-
-    /// Applies one pushed sync message and answers it; returns false for other messages.
-    async fn take(&mut self, docs: &Documents, id: &DocId, out: Outgoing) -> bool {
-        let Outgoing::Sync { data, .. } = out else {
-            return false;
-        };
-        let msg = sync::Message::decode(&data).unwrap();
-        self.doc
-            .sync()
-            .receive_sync_message(&mut self.state, msg)
-            .unwrap();
-        self.send(docs, id, false).await;
-        true
-    }
-
-    /// Exchanges messages until this peer has `heads`; returns how many it received.
-    async fn converge(
-        &mut self,
-        docs: &Documents,
-        id: &DocId,
-        heads: &[automerge::ChangeHash],
-    ) -> usize {
-        let mut received = 0;
-        while self.doc.get_heads() != heads {
-            let out = self.next().await;
-            received += usize::from(self.take(docs, id, out).await);
-        }
-        received
     }
 
     async fn next(&mut self) -> Outgoing {
@@ -235,44 +207,4 @@ async fn changes_from_one_peer_reach_the_others() {
     assert_eq!(a.doc.get_heads(), b.doc.get_heads());
     let v = a.doc.get(ROOT, "n").unwrap().map(|(v, _)| v.as_i64());
     assert_eq!(v, Some(Some(2)));
-}
-
-#[tokio::test]
-async fn pushes_to_a_quiet_peer_are_coalesced_by_the_interval() {
-    let docs = Documents::with_config(
-        Arc::new(MemoryStore::new()),
-        DocConfig {
-            repo_sync_interval: Duration::from_millis(300),
-            ..DocConfig::default()
-        },
-    );
-    let id = DocId::parse("coalesced").unwrap();
-    let mut watcher = Peer::new(&docs, "watcher");
-    let mut writer = AutoCommit::new();
-    writer.put(ROOT, "n", 0).unwrap();
-    let upload = parse_upload(writer.save().into()).unwrap();
-    docs.write(&id, upload, Precondition::None, None)
-        .await
-        .unwrap();
-    watcher.send(&docs, &id, false).await;
-    watcher.converge(&docs, &id, &writer.get_heads()).await;
-
-    // Ten writes in quick succession, the peer answering everything it gets at once: without
-    // the interval it would get a message per write; with it, the pushes are coalesced.
-    let mut messages = 0;
-    for i in 1..=10 {
-        let heads = writer.get_heads();
-        writer.put(ROOT, "n", i).unwrap();
-        let upload = parse_upload(writer.save_after(&heads).into()).unwrap();
-        docs.write(&id, upload, Precondition::None, None)
-            .await
-            .unwrap();
-        while let Ok(Some(out)) =
-            tokio::time::timeout(Duration::from_millis(20), watcher.rx.recv()).await
-        {
-            messages += usize::from(watcher.take(&docs, &id, out).await);
-        }
-    }
-    messages += watcher.converge(&docs, &id, &writer.get_heads()).await;
-    assert!(messages <= 4, "{messages} messages for 10 writes");
 }

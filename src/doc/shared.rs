@@ -1,0 +1,77 @@
+//! What every owner of a process shares (the store, settings, counters, task tracking), and
+//! the narrow handle through which an owner talks to the registry: it may leave it and pass on
+//! commands that reached it after it left, nothing else.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+use super::api::Command;
+use super::stats::Stats;
+use crate::id::DocId;
+use crate::storage::Store;
+
+/// Tuning of the document layer.
+#[derive(Debug, Clone)]
+pub struct DocConfig {
+    /// Least time between two sync messages to one automerge-repo peer, except for answers to
+    /// its own changes and requests (those go at once).
+    pub repo_sync_interval: Duration,
+    /// Estimated memory the hot documents may use before idle ones are evicted.
+    pub memory_budget: u64,
+    /// Largest stored size a document may grow to; writes past it are refused (413).
+    pub max_doc_size: u64,
+}
+
+impl Default for DocConfig {
+    fn default() -> Self {
+        Self {
+            repo_sync_interval: Duration::from_millis(50),
+            memory_budget: 512 << 20,
+            max_doc_size: 256 << 20,
+        }
+    }
+}
+
+/// Shared by the registry and every owner.
+pub(super) struct Shared {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) config: DocConfig,
+    pub(super) stats: Stats,
+    /// Owner tasks and the store writes they start (persists, compactions): shutdown waits
+    /// for all of them before the final flush.
+    pub(super) tasks: TaskTracker,
+    epochs: AtomicU64,
+}
+
+impl Shared {
+    pub(super) fn new(store: Arc<dyn Store>, config: DocConfig) -> Self {
+        Self {
+            store,
+            config,
+            stats: Stats::default(),
+            tasks: TaskTracker::new(),
+            epochs: AtomicU64::new(1),
+        }
+    }
+
+    /// A number never handed out before (owner generations and document epochs).
+    pub(super) fn next_epoch(&self) -> u64 {
+        self.epochs.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+pub(super) type Forwarding<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// What an owner may ask of the registry.
+pub(super) trait Registrar: Send + Sync {
+    /// Removes the registry entry of owner `generation`; true when it was still registered
+    /// (the owner must then exit once it handed over its leftovers).
+    fn retire(&self, id: &DocId, generation: u64) -> bool;
+    /// Sends `cmd` to the document's current owner, starting one if needed.
+    fn forward(&self, id: DocId, cmd: Command) -> Forwarding<'_>;
+}

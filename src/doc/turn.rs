@@ -1,0 +1,156 @@
+//! One turn of an owner between its merge and its replies.
+//!
+//! Group commit with pipelining: a turn's durable write runs while the owner already merges
+//! the next turn; the turn's replies, pushes and repo messages go out only once its write has
+//! succeeded. A failed write fails every request of the turn.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::ChangeHash;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::api::{ReadOutcome, Reply, SubscribeRequest, Subscription, WriteOutcome};
+use super::etag::etag_for;
+use super::listeners::Subscriber;
+use super::merge::Effects;
+use crate::error::RelayError;
+use crate::storage::{ChunkKey, StoreError};
+
+/// Who waits for the turn.
+#[derive(Default)]
+pub(super) struct Replies {
+    /// One per write job, in order.
+    pub(super) writes: Vec<Option<Reply<WriteOutcome>>>,
+    pub(super) reads: Vec<PendingRead>,
+    pub(super) subscribes: Vec<SubscribeRequest>,
+}
+
+impl Replies {
+    pub(super) fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.reads.is_empty() && self.subscribes.is_empty()
+    }
+
+    pub(super) fn fail(self, err: &RelayError) {
+        for reply in self.writes.into_iter().flatten() {
+            let _ = reply.send(Err(err.clone()));
+        }
+        for r in self.reads {
+            let _ = r.reply.send(Err(err.clone()));
+        }
+        for s in self.subscribes {
+            let _ = s.reply.send(Err(err.clone()));
+        }
+    }
+}
+
+/// A read waiting for the turn: of the whole document, or of changes since some heads (the
+/// heads went to the merge).
+pub(super) struct PendingRead {
+    pub(super) whole: bool,
+    pub(super) reply: Reply<ReadOutcome>,
+}
+
+/// A durable write's key, size and duration.
+pub(super) struct Persisted {
+    pub(super) key: ChunkKey,
+    pub(super) len: usize,
+    pub(super) took: Duration,
+}
+
+pub(super) type PersistTask = JoinHandle<Result<Persisted, StoreError>>;
+
+/// A merged turn, waiting for its durable write (if it has one).
+pub(super) struct Turn {
+    pub(super) persist: Option<PersistTask>,
+    pub(super) replies: Replies,
+    pub(super) effects: Effects,
+    pub(super) heads: Vec<ChangeHash>,
+    /// The document exists after this turn.
+    pub(super) exists: bool,
+}
+
+/// What the owner still has to hand out after the turn's replies went.
+pub(super) struct Answered {
+    pub(super) push: Option<super::api::PushBatch>,
+    pub(super) outgoing: Vec<(super::ConnId, super::peer::Outgoing)>,
+    /// Subscribers that joined in this turn (after the push: their initial state has it).
+    pub(super) joined: Vec<Subscriber>,
+    pub(super) snapshot: Option<Vec<u8>>,
+}
+
+impl Turn {
+    /// The result of the turn's durable write; `None` when it had nothing to write.
+    pub(super) async fn persisted(&mut self) -> Result<Option<Persisted>, RelayError> {
+        let Some(handle) = self.persist.as_mut() else {
+            return Ok(None);
+        };
+        match handle.await {
+            Ok(Ok(done)) => Ok(Some(done)),
+            Ok(Err(e)) => Err(RelayError::Storage(e.to_string())),
+            Err(e) => Err(RelayError::Storage(format!("storage task failed: {e}"))),
+        }
+    }
+
+    /// Answers every writer, reader and new subscriber (the write is durable).
+    pub(super) fn answer(self) -> Answered {
+        let Turn {
+            replies,
+            effects,
+            heads,
+            exists,
+            ..
+        } = self;
+        let etag = etag_for(&heads);
+        for (reply, result) in replies.writes.into_iter().zip(effects.results) {
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
+            }
+        }
+        let full_save = effects.full_save.unwrap_or_default();
+        let mut since_reads = effects.since_reads.into_iter();
+        for read in replies.reads {
+            let outcome = if !exists {
+                ReadOutcome::Missing
+            } else {
+                let bytes = if read.whole {
+                    full_save.clone()
+                } else {
+                    since_reads.next().unwrap_or_default()
+                };
+                ReadOutcome::Found {
+                    bytes,
+                    heads: heads.clone(),
+                    etag: etag.clone(),
+                }
+            };
+            let _ = read.reply.send(Ok(outcome));
+        }
+        let mut joined = Vec::new();
+        for s in replies.subscribes {
+            let (tx, rx) = mpsc::channel(s.queue.max(1));
+            let lagged = Arc::new(AtomicBool::new(false));
+            let initial = exists.then(|| (full_save.clone(), heads.clone()));
+            let sub = Subscription {
+                initial,
+                events: rx,
+                lagged: lagged.clone(),
+            };
+            if s.reply.send(Ok(sub)).is_ok() {
+                joined.push(Subscriber {
+                    conn: s.conn,
+                    tx,
+                    lagged,
+                });
+            }
+        }
+        Answered {
+            push: effects.push,
+            outgoing: effects.outgoing,
+            joined,
+            snapshot: effects.snapshot,
+        }
+    }
+}
