@@ -1,7 +1,7 @@
 //! The client-example todo app in a real browser (Debian chromium driven by playwright-core):
 //! runs `npm test` in client-example against the relay binary built for this test run.
-//! `scripts/test` installs the npm packages and `.ci/run` installs chromium; without them this
-//! test fails, it does not skip.
+//! `scripts/test` installs the npm packages and Debian's chromium; without them this test
+//! fails, it does not skip.
 
 use std::path::PathBuf;
 use std::process::Command;

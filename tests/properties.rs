@@ -547,7 +547,7 @@ proptest! {
 // Ids and ?since= heads
 // ---------------------------------------------------------------------------------------------
 
-/// PRODUCT.md: 1–128 characters of `A-Z a-z 0-9 . _ ~ -`, not starting with `_` or `.`.
+/// The documented id rule (docs/http-api.md): 1–128 characters of `A-Z a-z 0-9 . _ ~ -`, not starting with `_` or `.`.
 fn id_rule(s: &str) -> bool {
     (1..=128).contains(&s.chars().count())
         && !s.starts_with(['_', '.'])

@@ -14,16 +14,20 @@ pub struct Relay {
 impl Relay {
     pub fn start(extra: &[&str]) -> Relay {
         let dir = tempfile::tempdir().expect("temp dir");
-        // BENCH_RELAY_WRAP runs the relay under a tool, e.g. "heaptrack -o /tmp/relay".
+        // BENCH_RELAY_WRAP runs the relay under a tool, e.g. "heaptrack -o relay.heaptrack".
+        // BENCH_RELAY_BIN benchmarks another build (e.g. the previous commit's) with the same
+        // load generator.
         let wrap = std::env::var("BENCH_RELAY_WRAP").unwrap_or_default();
+        let bin = std::env::var("BENCH_RELAY_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_automerge-relay").to_owned());
         let mut words = wrap.split_whitespace();
         let mut command = match words.next() {
             Some(tool) => {
                 let mut c = Command::new(tool);
-                c.args(words).arg(env!("CARGO_BIN_EXE_automerge-relay"));
+                c.args(words).arg(&bin);
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_automerge-relay")),
+            None => Command::new(&bin),
         };
         let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])

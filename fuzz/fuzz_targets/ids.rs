@@ -1,4 +1,4 @@
-//! Document ids and `?since=` head lists: `DocId::parse` accepts exactly PRODUCT.md's rule,
+//! Document ids and `?since=` head lists: `DocId::parse` accepts exactly the documented id rule (docs/http-api.md),
 //! `parse_heads` exactly comma-separated 64-digit hex hashes, and `etag_for` ignores order.
 #![no_main]
 

@@ -920,7 +920,7 @@ pub fn run_connection(frames: &[Vec<u8>]) {
 // Ids and heads
 // ---------------------------------------------------------------------------------------------
 
-/// PRODUCT.md's rule: 1–128 characters of `A-Z a-z 0-9 . _ ~ -`, not starting with `_` or `.`.
+/// The documented id rule (docs/http-api.md): 1–128 characters of `A-Z a-z 0-9 . _ ~ -`, not starting with `_` or `.`.
 pub fn id_rule(s: &str) -> bool {
     (1..=128).contains(&s.chars().count())
         && !s.starts_with(['_', '.'])
