@@ -7,16 +7,19 @@
 //! held-back peers are due), which coalesces a typing storm into few frames. A peer whose sync
 //! is in flight gets nothing until it answers (automerge's flow control). Time is passed in.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use automerge::{sync, Automerge};
 
-use super::merge::RepoStates;
 use super::peer::Outgoing;
-use super::peer_sync::{ChangeMetas, TurnMessages};
+use super::peer_sync::{ChangeMetas, PeerSync, TurnMessages};
 use super::ConnId;
 use crate::id::DocId;
+
+/// Sync states by connection. Kept apart from the peers' links: the states travel to the
+/// merge thread, the links stay with the owner to deliver the previous turn's messages.
+pub(super) type RepoStates = HashMap<ConnId, PeerSync>;
 
 /// One received repo sync message, its changes split out.
 pub(super) struct RepoIn {
@@ -122,7 +125,6 @@ pub(super) fn repo_exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doc::peer_sync::PeerSync;
     use automerge::sync::SyncDoc;
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ROOT};

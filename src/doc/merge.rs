@@ -7,7 +7,7 @@
 //! see the writes before it. No I/O, no clock: the owner runs this on a blocking thread and
 //! performs the effects (persist, then reply and push) itself, so the rules are unit-tested here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::mem;
 use std::time::{Duration, Instant};
 
@@ -16,16 +16,11 @@ use bytes::Bytes;
 
 use super::api::{Precondition, PushBatch, WriteJob, WriteOutcome};
 use super::etag::etag_for;
-use super::exchange::{repo_exchange, Exchange, RepoIn};
+use super::exchange::{repo_exchange, Exchange, RepoIn, RepoStates};
 use super::peer::Outgoing;
-use super::peer_sync::PeerSync;
 use super::ConnId;
 use crate::error::RelayError;
 use crate::id::DocId;
-
-/// Sync states by connection. Kept apart from the peers' links: the states travel to the
-/// merge thread, the links stay with the owner to deliver the previous turn's messages.
-pub(super) type RepoStates = HashMap<ConnId, PeerSync>;
 
 /// The document and what the owner knows about it, moved into a merge and back.
 #[derive(Default)]

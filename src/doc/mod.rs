@@ -23,8 +23,6 @@ mod peer_sync;
 mod registry;
 mod shared;
 mod stats;
-#[cfg(test)]
-mod tests;
 mod turn;
 
 pub use api::{DocEvent, Precondition, PushBatch, ReadOutcome, Subscription, WriteOutcome};

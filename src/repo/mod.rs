@@ -12,4 +12,6 @@
 pub mod hub;
 pub mod protocol;
 pub mod socket;
+#[cfg(test)]
+mod sync_tests;
 pub mod wire;

@@ -1,4 +1,4 @@
-//! The document owner's repo-sync side, driven without sockets: a real automerge peer
+//! The document owners' repo-sync side, driven without sockets: a real automerge peer
 //! exchanges sync messages with the owner through the sans-IO protocol core. (Push
 //! coalescing is tested with time passed in, in `exchange.rs`.)
 
@@ -11,10 +11,10 @@ use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ReadDoc, ROOT};
 use tokio::sync::mpsc;
 
-use super::*;
+use super::protocol::{Action, Connection};
+use super::wire::RepoMessage;
+use crate::doc::{Documents, Outgoing, PeerLink, Precondition, ReadOutcome};
 use crate::id::DocId;
-use crate::repo::protocol::{Action, Connection};
-use crate::repo::wire::RepoMessage;
 use crate::storage::MemoryStore;
 use crate::upload::parse_upload;
 
