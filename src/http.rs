@@ -5,7 +5,6 @@
 //! and validated on a blocking thread before they reach the owner.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -20,40 +19,14 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::doc::{parse_heads, Documents, Precondition, ReadOutcome, WriteOutcome};
 use crate::error::RelayError;
 use crate::id::DocId;
+use crate::state::AppState;
 use crate::upload::{parse_upload_with, Upload};
-
-/// Shared state of every route.
-#[derive(Clone)]
-pub struct AppState {
-    pub docs: Documents,
-    pub limits: Arc<Limits>,
-    /// Cancelled at shutdown; live connections close when it fires.
-    pub shutdown: CancellationToken,
-    /// Upgraded sockets, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    /// Shared state of automerge-repo connections.
-    pub hub: Arc<crate::repo::hub::Hub>,
-    /// Renders `/_/metrics` (absent when no recorder could be installed).
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-}
-
-/// Limits and tuning the transports need.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_body: usize,
-    pub subscriber_queue: usize,
-    pub ping_interval: std::time::Duration,
-    pub max_messages_per_sec: u32,
-    pub connections: Arc<crate::limits::ConnectionLimits>,
-}
 
 const ABOUT: &str = "automerge-relay: a merge-on-write server for Automerge documents.
 
@@ -173,7 +146,7 @@ async fn prometheus(State(state): State<AppState>) -> Response {
     metrics::gauge!("relay_documents_hot").set(s.hot_documents as f64);
     metrics::gauge!("relay_documents_hot_bytes").set(s.hot_bytes as f64);
     metrics::gauge!("relay_connections").set(state.limits.connections.live() as f64);
-    metrics::gauge!("relay_subscribers").set(crate::live::followers() as f64);
+    metrics::gauge!("relay_subscribers").set(state.followers.count() as f64);
     metrics::gauge!("relay_repo_peers").set(state.hub.peer_count() as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

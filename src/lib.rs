@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod repo;
 pub mod server;
 pub mod sse;
+pub mod state;
 pub mod storage;
 pub mod upload;
 pub mod ws_doc;

@@ -18,10 +18,11 @@ use serde_json::json;
 
 use crate::doc::{Documents, Precondition};
 use crate::error::RelayError;
-use crate::http::{validate, AppState};
+use crate::http::validate;
 use crate::id::DocId;
 use crate::limits::{ConnectionGuard, RateLimit, CLOSE_RATE_LIMIT};
 use crate::live::{Delivery, Follower, Keepalive, CLOSE_FELL_BEHIND};
+use crate::state::AppState;
 
 /// Close code sent when the document is deleted.
 pub const CLOSE_DELETED: u16 = 4404;
@@ -94,14 +95,20 @@ async fn write_one(
 
 async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum::Error> {
     let (mut sink, mut stream) = socket.split();
-    let (mut follower, initial) =
-        match Follower::subscribe(&state.docs, &id, state.limits.subscriber_queue).await {
-            Ok(v) => v,
-            Err(e) => {
-                sink.send(error_message(&e)).await?;
-                return sink.send(close(1011, "subscription failed")).await;
-            }
-        };
+    let (mut follower, initial) = match Follower::subscribe(
+        &state.docs,
+        &id,
+        state.limits.subscriber_queue,
+        &state.followers,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            sink.send(error_message(&e)).await?;
+            return sink.send(close(1011, "subscription failed")).await;
+        }
+    };
     if let Some(bytes) = initial {
         sink.send(Message::Binary(bytes)).await?;
     }

@@ -21,10 +21,11 @@ use super::hub::Hub;
 use super::protocol::{Action, Connection};
 use super::wire::RepoMessage;
 use crate::doc::{Documents, PeerLink};
-use crate::http::{validate, AppState};
+use crate::http::validate;
 use crate::id::DocId;
 use crate::limits::{ConnectionGuard, RateLimit, CLOSE_RATE_LIMIT};
 use crate::live::{Keepalive, CLOSE_FELL_BEHIND};
+use crate::state::AppState;
 
 /// Messages that may wait for one repo peer.
 const OUTBOUND_QUEUE: usize = 4096;
