@@ -10,10 +10,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ServeArgs, StoreKind};
 use crate::doc::{DocConfig, Documents};
-use crate::http::router;
 use crate::limits::ConnectionLimits;
 use crate::live::Followers;
 use crate::repo::hub::Hub;
+use crate::router::router;
 use crate::state::{AppState, Limits};
 use crate::storage::{MemoryStore, SledStore, Store};
 

@@ -16,6 +16,7 @@ use crate::error::RelayError;
 use crate::id::DocId;
 use crate::live::{Delivery, Follower};
 use crate::state::AppState;
+use crate::transport::outcome::heads_json;
 
 /// True when the request asks for an event stream.
 pub fn wants_sse(headers: &axum::http::HeaderMap) -> bool {
@@ -54,15 +55,12 @@ pub async fn stream(
                     _ = shutdown.cancelled() => return None,
                 };
                 let (event, done) = match next {
-                    Ok(Some(Delivery::Changes { heads, .. })) => {
-                        let heads: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
-                        (
-                            Event::default()
-                                .event("change")
-                                .data(json!({"heads": heads}).to_string()),
-                            false,
-                        )
-                    }
+                    Ok(Some(Delivery::Changes { heads, .. })) => (
+                        Event::default()
+                            .event("change")
+                            .data(json!({"heads": heads_json(&heads)}).to_string()),
+                        false,
+                    ),
                     Ok(Some(Delivery::Deleted)) => {
                         (Event::default().event("deleted").data("{}"), true)
                     }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
@@ -18,28 +18,21 @@ use serde_json::json;
 
 use crate::doc::{Documents, Precondition};
 use crate::error::RelayError;
-use crate::http::validate;
 use crate::id::DocId;
-use crate::limits::{ConnectionGuard, RateLimit, CLOSE_RATE_LIMIT};
-use crate::live::{Delivery, Follower, Keepalive, CLOSE_FELL_BEHIND};
+use crate::limits::{ConnectionGuard, RateLimit};
+use crate::live::{Delivery, Follower};
 use crate::state::AppState;
+use crate::transport::close::{
+    close_message, CLOSE_DELETED, CLOSE_FELL_BEHIND, CLOSE_GOING_AWAY, CLOSE_INTERNAL,
+    CLOSE_RATE_LIMIT, CLOSE_TOO_BIG,
+};
+use crate::transport::keepalive::Keepalive;
+use crate::transport::outcome::ack_json;
+use crate::transport::upgrade::configure;
+use crate::transport::validate::validate;
 
-/// Close code sent when the document is deleted.
-pub const CLOSE_DELETED: u16 = 4404;
-/// Close code for "message too big".
-pub const CLOSE_TOO_BIG: u16 = 1009;
-/// Close code sent when the server shuts down.
-pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Uploads from one socket that may be in flight at once.
 const MAX_IN_FLIGHT: usize = 32;
-
-/// Small buffers keep an idle subscriber cheap (tungstenite's default read buffer is 128 KiB).
-pub fn configure(ws: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
-    ws.read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(max_message)
-        .max_frame_size(max_message)
-}
 
 pub fn upgrade(
     ws: WebSocketUpgrade,
@@ -69,10 +62,7 @@ fn error_message(e: &RelayError) -> Message {
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
+    close_message(code, reason)
 }
 
 async fn write_one(
@@ -85,12 +75,7 @@ async fn write_one(
     let outcome = docs
         .write(&id, upload, Precondition::None, Some(conn))
         .await?;
-    let heads: Vec<String> = outcome.heads.iter().map(|h| h.to_string()).collect();
-    let mut ack = json!({"type": "ack", "heads": heads, "applied": outcome.applied});
-    if outcome.pending > 0 {
-        ack["pending"] = json!(outcome.pending);
-    }
-    Ok(ack)
+    Ok(ack_json(&outcome))
 }
 
 async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum::Error> {
@@ -106,7 +91,9 @@ async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum
         Ok(v) => v,
         Err(e) => {
             sink.send(error_message(&e)).await?;
-            return sink.send(close(1011, "subscription failed")).await;
+            return sink
+                .send(close(CLOSE_INTERNAL, "subscription failed"))
+                .await;
         }
     };
     if let Some(bytes) = initial {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -21,11 +21,16 @@ use super::hub::Hub;
 use super::protocol::{Action, Connection};
 use super::wire::RepoMessage;
 use crate::doc::{Documents, PeerLink};
-use crate::http::validate;
 use crate::id::DocId;
-use crate::limits::{ConnectionGuard, RateLimit, CLOSE_RATE_LIMIT};
-use crate::live::{Keepalive, CLOSE_FELL_BEHIND};
+use crate::limits::{ConnectionGuard, RateLimit};
 use crate::state::AppState;
+use crate::transport::close::{
+    close_message, CLOSE_FELL_BEHIND, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_RATE_LIMIT,
+    CLOSE_TOO_BIG,
+};
+use crate::transport::keepalive::Keepalive;
+use crate::transport::upgrade::configure;
+use crate::transport::validate::validate;
 
 /// Messages that may wait for one repo peer.
 const OUTBOUND_QUEUE: usize = 4096;
@@ -33,7 +38,7 @@ const OUTBOUND_QUEUE: usize = 4096;
 pub fn upgrade(ws: WebSocketUpgrade, state: AppState, slot: ConnectionGuard) -> Response {
     let max = state.limits.max_body;
     let tasks = state.tasks.clone();
-    crate::ws_doc::configure(ws, max).on_upgrade(move |socket| {
+    configure(ws, max).on_upgrade(move |socket| {
         tasks.track_future(async move {
             let _slot = slot;
             if let Err(e) = serve(socket, state).await {
@@ -48,10 +53,7 @@ fn binary(msg: &RepoMessage) -> Message {
 }
 
 fn close(code: u16, reason: String) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }))
+    close_message(code, reason)
 }
 
 async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
@@ -91,7 +93,7 @@ async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         Some(Ok(Message::Close(_))) | None => return Ok(()),
                         Some(Err(e)) => {
-                            let _ = sink.send(close(crate::ws_doc::CLOSE_TOO_BIG, "message too big or malformed".into())).await;
+                            let _ = sink.send(close(CLOSE_TOO_BIG, "message too big or malformed".into())).await;
                             return Err(e);
                         }
                     };
@@ -151,11 +153,11 @@ async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
                     sink.send(Message::Ping(bytes::Bytes::new())).await?;
                 }
                 _ = replaced.cancelled() => {
-                    let _ = sink.send(close(1000, "replaced by a newer connection of this peer".into())).await;
+                    let _ = sink.send(close(CLOSE_NORMAL, "replaced by a newer connection of this peer".into())).await;
                     return Ok(());
                 }
                 _ = shutdown.cancelled() => {
-                    let _ = sink.send(close(crate::ws_doc::CLOSE_GOING_AWAY, "server shutting down".into())).await;
+                    let _ = sink.send(close(CLOSE_GOING_AWAY, "server shutting down".into())).await;
                     return Ok(());
                 }
             }
