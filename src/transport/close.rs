@@ -1,7 +1,5 @@
 //! Every WebSocket close code the server sends, in one list (README documents them).
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
-
 /// Normal closure: a newer connection of the same automerge-repo peer replaced this one.
 pub const CLOSE_NORMAL: u16 = 1000;
 /// The server is shutting down (after finishing the socket's accepted work).
@@ -18,11 +16,3 @@ pub const CLOSE_INTERNAL: u16 = 1011;
 pub const CLOSE_FELL_BEHIND: u16 = 4008;
 /// The document was deleted.
 pub const CLOSE_DELETED: u16 = 4404;
-
-/// A close message with `code` and a human-readable `reason`.
-pub fn close_message(code: u16, reason: impl Into<Utf8Bytes>) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }))
-}
