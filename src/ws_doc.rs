@@ -34,7 +34,7 @@ pub fn upgrade(
     id: DocId,
     slot: ConnectionGuard,
 ) -> Response {
-    let span = tracing::debug_span!("doc_socket", doc = %id);
+    let span = tracing::info_span!("doc_socket", doc = %id);
     let session = DocSocket {
         state: state.clone(),
         id,

@@ -37,7 +37,7 @@ const FORWARDED_WAIT: Duration = Duration::from_secs(3);
 
 pub fn upgrade(ws: WebSocketUpgrade, state: AppState, slot: ConnectionGuard) -> Response {
     let session = RepoSocket::new(&state);
-    let span = tracing::debug_span!(
+    let span = tracing::info_span!(
         "repo_socket",
         conn = session.conn,
         peer = tracing::field::Empty

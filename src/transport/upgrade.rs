@@ -20,7 +20,7 @@ pub fn configure(ws: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
 }
 
 /// Upgrades and runs `session` until the socket ends; `slot` is held until then. Log lines of
-/// the socket carry `span`.
+/// the socket carry `span` (at info level, so the loop's warnings name the document or peer).
 pub fn accept<S>(
     ws: WebSocketUpgrade,
     state: &AppState,
