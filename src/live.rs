@@ -155,3 +155,19 @@ impl Follower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn followers_are_counted_per_gauge_while_they_live() {
+        let gauge = Followers::new();
+        let a = Counted::new(&gauge);
+        let _b = Counted::new(&gauge);
+        assert_eq!(gauge.count(), 2);
+        drop(a);
+        assert_eq!(gauge.count(), 1);
+        assert_eq!(Followers::new().count(), 0, "another server's gauge");
+    }
+}
