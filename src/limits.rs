@@ -2,19 +2,16 @@
 //!
 //! A [`ConnectionGuard`] is taken before a WebSocket upgrade or an SSE stream starts and
 //! released when the connection ends, so the counts are exact. Refusals are 503 with
-//! `too_many_connections`; a socket over its message rate is closed with 1008.
-
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+//! `too_many_connections`; a socket over its message rate is closed with 1008 (by the socket
+//! loop). The rate uses Tokio's clock, so tests on paused time are deterministic.
 
 use dashmap::DashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::time::Instant;
 
 use crate::error::RelayError;
 use crate::id::DocId;
-
-/// Close code for a socket that exceeded its message rate (policy violation).
-pub const CLOSE_RATE_LIMIT: u16 = 1008;
 
 #[derive(Debug)]
 pub struct ConnectionLimits {

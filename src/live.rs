@@ -5,8 +5,12 @@
 //! delivers what is queued (older events), then, seeing the flag, replaces everything it missed
 //! with **one** catch-up read of the changes since the last heads it delivered. A slow client
 //! therefore costs a bounded amount of memory and never silently misses a change.
+//!
+//! Live followers are counted by a [`Followers`] gauge owned by the server state (not a
+//! process-wide static), so two servers in one process, or tests, keep their own counts.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use automerge::ChangeHash;
 use bytes::Bytes;
@@ -28,12 +32,36 @@ pub enum Delivery {
     Deleted,
 }
 
-/// Live subscriptions (per-document WebSocket and SSE), for metrics.
-static FOLLOWERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Counts live followers (per-document WebSocket and SSE subscriptions), for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Followers(Arc<AtomicUsize>);
 
-/// Current number of live subscriptions.
-pub fn followers() -> usize {
-    FOLLOWERS.load(Ordering::Relaxed)
+impl Followers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Current number of live followers.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One follower's place in its [`Followers`] gauge, given back on drop.
+#[derive(Debug)]
+struct Counted(Followers);
+
+impl Counted {
+    fn new(gauge: &Followers) -> Self {
+        gauge.0.fetch_add(1, Ordering::Relaxed);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub struct Follower {
@@ -43,20 +71,22 @@ pub struct Follower {
     sub: Subscription,
     last_heads: Vec<ChangeHash>,
     catch_ups: u64,
+    _counted: Counted,
 }
 
 impl Follower {
     /// Subscribes and returns the follower with the document as it is now (if it exists).
+    /// The follower counts itself in `gauge` while it lives.
     pub async fn subscribe(
         docs: &Documents,
         id: &DocId,
         queue: usize,
+        gauge: &Followers,
     ) -> Result<(Self, Option<Bytes>), RelayError> {
         let conn = docs.next_conn_id();
         let mut sub = docs.subscribe(id, conn, queue).await?;
         let initial = sub.initial.take();
         let last_heads = initial.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
-        FOLLOWERS.fetch_add(1, Ordering::Relaxed);
         let follower = Self {
             docs: docs.clone(),
             id: id.clone(),
@@ -64,6 +94,7 @@ impl Follower {
             sub,
             last_heads,
             catch_ups: 0,
+            _counted: Counted::new(gauge),
         };
         Ok((follower, initial.map(|(bytes, _)| bytes)))
     }
@@ -125,45 +156,18 @@ impl Follower {
     }
 }
 
-/// Close code for a live client the server stopped serving because it fell behind or stopped
-/// answering pings: "fell behind; reconnect to resync".
-pub const CLOSE_FELL_BEHIND: u16 = 4008;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Dead-peer detection shared by the live sockets: ping every interval; a peer that has sent
-/// nothing (not even a pong) for two intervals is closed with [`CLOSE_FELL_BEHIND`].
-pub struct Keepalive {
-    every: std::time::Duration,
-    last_seen: std::time::Instant,
-}
-
-impl Keepalive {
-    pub fn new(every: std::time::Duration) -> Self {
-        Self {
-            every,
-            last_seen: std::time::Instant::now(),
-        }
-    }
-
-    /// The ping timer; its first tick is one interval from now.
-    pub fn timer(&self) -> tokio::time::Interval {
-        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + self.every, self.every);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    }
-
-    /// Call on every frame received from the peer.
-    pub fn seen(&mut self) {
-        self.last_seen = std::time::Instant::now();
-    }
-
-    /// True when the peer has been silent too long.
-    pub fn expired(&self) -> bool {
-        self.last_seen.elapsed() > self.every * 2 + std::time::Duration::from_millis(500)
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        FOLLOWERS.fetch_sub(1, Ordering::Relaxed);
+    #[test]
+    fn followers_are_counted_per_gauge_while_they_live() {
+        let gauge = Followers::new();
+        let a = Counted::new(&gauge);
+        let _b = Counted::new(&gauge);
+        assert_eq!(gauge.count(), 2);
+        drop(a);
+        assert_eq!(gauge.count(), 1);
+        assert_eq!(Followers::new().count(), 0, "another server's gauge");
     }
 }

@@ -10,9 +10,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ServeArgs, StoreKind};
 use crate::doc::{DocConfig, Documents};
-use crate::http::{router, AppState, Limits};
 use crate::limits::ConnectionLimits;
+use crate::live::Followers;
 use crate::repo::hub::Hub;
+use crate::router::router;
+use crate::state::{AppState, Limits};
 use crate::storage::{MemoryStore, SledStore, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         hub: Arc::new(Hub::new(format!("automerge-relay-{}", std::process::id()))),
+        followers: Followers::new(),
         metrics: crate::metrics::install(),
         limits: Arc::new(Limits {
             max_body: args.max_body,

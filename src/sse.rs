@@ -3,9 +3,9 @@
 //! One `change` event per merged batch, data `{"heads":[...]}` (clients fetch `?since=` for the
 //! bytes); `deleted` when the document is deleted, then the stream ends. A subscriber that fell
 //! behind gets one `change` event with the latest heads instead of the ones it missed.
+//! A keep-alive comment goes out every `--ping-secs`, like the WebSocket pings.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,9 +13,10 @@ use futures_util::stream;
 use serde_json::json;
 
 use crate::error::RelayError;
-use crate::http::AppState;
 use crate::id::DocId;
 use crate::live::{Delivery, Follower};
+use crate::state::AppState;
+use crate::transport::outcome::heads_json;
 
 /// True when the request asks for an event stream.
 pub fn wants_sse(headers: &axum::http::HeaderMap) -> bool {
@@ -32,8 +33,13 @@ pub async fn stream(
     slot: crate::limits::ConnectionGuard,
 ) -> Result<Response, RelayError> {
     // Subscribe before answering: once the client sees the headers, no change is missed.
-    let (follower, _) =
-        Follower::subscribe(&state.docs, &id, state.limits.subscriber_queue).await?;
+    let (follower, _) = Follower::subscribe(
+        &state.docs,
+        &id,
+        state.limits.subscriber_queue,
+        &state.followers,
+    )
+    .await?;
     let shutdown = state.shutdown.clone();
     // The connection slot lives in the stream's state: released when the stream ends.
     let events = stream::unfold(
@@ -49,15 +55,12 @@ pub async fn stream(
                     _ = shutdown.cancelled() => return None,
                 };
                 let (event, done) = match next {
-                    Ok(Some(Delivery::Changes { heads, .. })) => {
-                        let heads: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
-                        (
-                            Event::default()
-                                .event("change")
-                                .data(json!({"heads": heads}).to_string()),
-                            false,
-                        )
-                    }
+                    Ok(Some(Delivery::Changes { heads, .. })) => (
+                        Event::default()
+                            .event("change")
+                            .data(json!({"heads": heads_json(&heads)}).to_string()),
+                        false,
+                    ),
                     Ok(Some(Delivery::Deleted)) => {
                         (Event::default().event("deleted").data("{}"), true)
                     }
@@ -72,6 +75,6 @@ pub async fn stream(
         },
     );
     Ok(Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .keep_alive(KeepAlive::new().interval(state.limits.ping_interval))
         .into_response())
 }

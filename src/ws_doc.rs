@@ -7,38 +7,26 @@
 //! the size limit closes the socket with 1009. Client → server: binary saves or changes, merged
 //! exactly like a PUT. Uploads are pipelined (several in flight, acknowledged in order) so one
 //! busy client batches well in the document owner.
+//!
+//! Only that behaviour is here, as a [`Session`]; keepalive, the message rate, shutdown and the
+//! order of acks belong to the shared socket loop.
 
-use std::time::Duration;
-
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::response::Response;
-use futures_util::stream::FuturesOrdered;
-use futures_util::{SinkExt, StreamExt};
+use bytes::Bytes;
 use serde_json::json;
 
-use crate::doc::{Documents, Precondition};
+use crate::doc::{ConnId, Documents, Precondition};
 use crate::error::RelayError;
-use crate::http::{validate, AppState};
 use crate::id::DocId;
-use crate::limits::{ConnectionGuard, RateLimit, CLOSE_RATE_LIMIT};
-use crate::live::{Delivery, Follower, Keepalive, CLOSE_FELL_BEHIND};
-
-/// Close code sent when the document is deleted.
-pub const CLOSE_DELETED: u16 = 4404;
-/// Close code for "message too big".
-pub const CLOSE_TOO_BIG: u16 = 1009;
-/// Close code sent when the server shuts down.
-pub const CLOSE_GOING_AWAY: u16 = 1001;
-/// Uploads from one socket that may be in flight at once.
-const MAX_IN_FLIGHT: usize = 32;
-
-/// Small buffers keep an idle subscriber cheap (tungstenite's default read buffer is 128 KiB).
-pub fn configure(ws: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
-    ws.read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(max_message)
-        .max_frame_size(max_message)
-}
+use crate::limits::ConnectionGuard;
+use crate::live::{Delivery, Follower};
+use crate::state::AppState;
+use crate::transport::close::{CLOSE_DELETED, CLOSE_INTERNAL};
+use crate::transport::outcome::ack_json;
+use crate::transport::socket_loop::{Frame, Outbox, Session};
+use crate::transport::upgrade::accept;
+use crate::transport::validate::validate;
 
 pub fn upgrade(
     ws: WebSocketUpgrade,
@@ -46,148 +34,98 @@ pub fn upgrade(
     id: DocId,
     slot: ConnectionGuard,
 ) -> Response {
-    let max = state.limits.max_body;
-    let tasks = state.tasks.clone();
-    configure(ws, max).on_upgrade(move |socket| {
-        tasks.track_future(async move {
-            let _slot = slot;
-            if let Err(e) = serve(socket, state, id.clone()).await {
-                tracing::debug!(doc = %id, error = %e, "document socket ended");
+    let span = tracing::info_span!("doc_socket", doc = %id);
+    let session = DocSocket {
+        state: state.clone(),
+        id,
+        follower: None,
+    };
+    accept(ws, &state, slot, span, session)
+}
+
+struct DocSocket {
+    state: AppState,
+    id: DocId,
+    /// Set once subscribed (in `open`).
+    follower: Option<Follower>,
+}
+
+impl Session for DocSocket {
+    /// What the follower delivers next (an error is reported and the socket stays open).
+    type Event = Result<Delivery, RelayError>;
+
+    async fn open(&mut self, out: &mut Outbox) {
+        let state = &self.state;
+        match Follower::subscribe(
+            &state.docs,
+            &self.id,
+            state.limits.subscriber_queue,
+            &state.followers,
+        )
+        .await
+        {
+            Ok((follower, initial)) => {
+                if let Some(bytes) = initial {
+                    out.send(Message::Binary(bytes));
+                }
+                self.follower = Some(follower);
             }
-        })
-    })
+            Err(e) => {
+                out.send(error_message(&e));
+                out.close(CLOSE_INTERNAL, "subscription failed");
+            }
+        }
+    }
+
+    async fn next_event(&mut self) -> Option<Self::Event> {
+        self.follower.as_mut()?.next().await.transpose()
+    }
+
+    fn on_event(&mut self, event: Self::Event, out: &mut Outbox) {
+        match event {
+            Ok(Delivery::Changes { bytes, .. }) => out.send(Message::Binary(bytes)),
+            Ok(Delivery::Deleted) => {
+                out.send(text(json!({"type": "deleted"})));
+                out.close(CLOSE_DELETED, "document deleted");
+            }
+            Err(e) => out.send(error_message(&e)),
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Frame, out: &mut Outbox) {
+        match frame {
+            Frame::Binary(data) => {
+                let origin = self.follower.as_ref().map(Follower::conn);
+                let write = write_one(self.state.docs.clone(), self.id.clone(), origin, data);
+                out.reply_later(write);
+            }
+            Frame::Text(_) => {
+                let e = RelayError::BadRequest("send Automerge data as binary messages".into());
+                out.send(error_message(&e));
+            }
+        }
+    }
+}
+
+/// Validates and merges one upload; its ack, or the error (the socket stays usable).
+async fn write_one(docs: Documents, id: DocId, origin: Option<ConnId>, data: Bytes) -> Message {
+    let written = async {
+        let upload = validate(&docs, &id, data).await?;
+        docs.write(&id, upload, Precondition::None, origin).await
+    };
+    match written.await {
+        Ok(outcome) => text(ack_json(&outcome)),
+        Err(e) => error_message(&e),
+    }
 }
 
 fn text(value: serde_json::Value) -> Message {
-    Message::Text(Utf8Bytes::from(value.to_string()))
+    Message::Text(value.to_string().into())
 }
 
 fn error_message(e: &RelayError) -> Message {
     crate::metrics::rejected(e.code());
-    text(json!({"type": "error", "error": e.code(), "message": e.to_string()}))
-}
-
-fn close(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
-}
-
-async fn write_one(
-    docs: Documents,
-    id: DocId,
-    conn: u64,
-    data: bytes::Bytes,
-) -> Result<serde_json::Value, RelayError> {
-    let upload = validate(&docs, &id, data).await?;
-    let outcome = docs
-        .write(&id, upload, Precondition::None, Some(conn))
-        .await?;
-    let heads: Vec<String> = outcome.heads.iter().map(|h| h.to_string()).collect();
-    let mut ack = json!({"type": "ack", "heads": heads, "applied": outcome.applied});
-    if outcome.pending > 0 {
-        ack["pending"] = json!(outcome.pending);
-    }
-    Ok(ack)
-}
-
-async fn serve(socket: WebSocket, state: AppState, id: DocId) -> Result<(), axum::Error> {
-    let (mut sink, mut stream) = socket.split();
-    let (mut follower, initial) =
-        match Follower::subscribe(&state.docs, &id, state.limits.subscriber_queue).await {
-            Ok(v) => v,
-            Err(e) => {
-                sink.send(error_message(&e)).await?;
-                return sink.send(close(1011, "subscription failed")).await;
-            }
-        };
-    if let Some(bytes) = initial {
-        sink.send(Message::Binary(bytes)).await?;
-    }
-    let conn = follower.conn();
-    let mut in_flight = FuturesOrdered::new();
-    let ping_every = state.limits.ping_interval;
-    let mut keepalive = Keepalive::new(ping_every);
-    let mut ping = keepalive.timer();
-    let shutdown = state.shutdown.clone();
-    let mut following = true;
-    let mut rate = RateLimit::per_second(state.limits.max_messages_per_sec);
-    loop {
-        tokio::select! {
-            msg = stream.next(), if in_flight.len() < MAX_IN_FLIGHT => {
-                keepalive.seen();
-                if matches!(msg, Some(Ok(Message::Binary(_) | Message::Text(_)))) && !rate.allow() {
-                    tracing::warn!(doc = %id, "closing a socket over its message rate");
-                    crate::metrics::rejected("rate_limited");
-                    return sink.send(close(CLOSE_RATE_LIMIT, "message rate limit exceeded")).await;
-                }
-                match msg {
-                    Some(Ok(Message::Binary(data))) => {
-                        in_flight.push_back(write_one(state.docs.clone(), id.clone(), conn, data));
-                    }
-                    Some(Ok(Message::Text(_))) => {
-                        let e = RelayError::BadRequest(
-                            "send Automerge data as binary messages".into(),
-                        );
-                        sink.send(error_message(&e)).await?;
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => break,
-                    Some(Err(e)) => {
-                        tracing::info!(doc = %id, error = %e, "closing document socket");
-                        crate::metrics::rejected("message_too_big");
-                        let _ = sink.send(close(CLOSE_TOO_BIG, "message too big or malformed")).await;
-                        return Err(e);
-                    }
-                }
-            }
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let reply = match done {
-                    Ok(ack) => text(ack),
-                    Err(e) => error_message(&e),
-                };
-                sink.send(reply).await?;
-            }
-            delivery = follower.next(), if following => {
-                match delivery {
-                    Ok(Some(Delivery::Changes { bytes, .. })) => {
-                        sink.send(Message::Binary(bytes)).await?;
-                    }
-                    Ok(Some(Delivery::Deleted)) => {
-                        sink.send(text(json!({"type": "deleted"}))).await?;
-                        sink.send(close(CLOSE_DELETED, "document deleted")).await?;
-                        return Ok(());
-                    }
-                    Ok(None) => following = false,
-                    Err(e) => {
-                        sink.send(error_message(&e)).await?;
-                    }
-                }
-            }
-            _ = ping.tick() => {
-                if keepalive.expired() {
-                    tracing::debug!(doc = %id, "closing a socket that stopped answering pings");
-                    let closing = sink.send(close(CLOSE_FELL_BEHIND, "no answer to pings; reconnect to resync"));
-                    let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
-                    return Ok(());
-                }
-                sink.send(Message::Ping(bytes::Bytes::new())).await?;
-            }
-            _ = shutdown.cancelled() => {
-                // Finish what was accepted, then say goodbye.
-                while let Some(done) = in_flight.next().await {
-                    let reply = match done {
-                        Ok(ack) => text(ack),
-                        Err(e) => error_message(&e),
-                    };
-                    sink.send(reply).await?;
-                }
-                return sink.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
-            }
-        }
-    }
-    // The client closed: its accepted uploads still complete (they are owned by the owner).
-    while in_flight.next().await.is_some() {}
-    Ok(())
+    let mut body = e.body();
+    body["type"] = json!("error");
+    text(body)
 }

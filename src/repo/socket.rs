@@ -2,170 +2,200 @@
 //!
 //! Thin by design: frames go into the sans-IO [`Connection`], its actions go to the socket,
 //! the document owners ([`Documents::repo_sync`]) or the [`Hub`]. Validation of uploaded
-//! changes happens here, off the document owner. Keepalive pings every `--ping-secs`; a peer
-//! that misses two is dropped. A peer that cannot keep up with its outbound queue is closed
-//! with 4008 so it reconnects and resyncs.
+//! changes happens here, off the document owner. A peer that cannot keep up with its outbound
+//! queue is closed with 4008 so it reconnects and resyncs; a newer socket of the same peer
+//! closes this one with 1000. Keepalive, the message rate and shutdown belong to the shared
+//! socket loop; on shutdown this socket first waits (briefly) for the changes it forwarded.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::forwarded::Forwarded;
 use super::hub::Hub;
 use super::protocol::{Action, Connection};
 use super::wire::RepoMessage;
-use crate::doc::{Documents, PeerLink};
-use crate::http::{validate, AppState};
+use crate::doc::{ConnId, Documents, Outgoing, PeerLink};
 use crate::id::DocId;
-use crate::limits::{ConnectionGuard, RateLimit, CLOSE_RATE_LIMIT};
-use crate::live::{Keepalive, CLOSE_FELL_BEHIND};
+use crate::limits::ConnectionGuard;
+use crate::state::AppState;
+use crate::transport::close::{CLOSE_FELL_BEHIND, CLOSE_NORMAL};
+use crate::transport::socket_loop::{Frame, Outbox, Session};
+use crate::transport::upgrade::accept;
+use crate::transport::validate::validate;
 
 /// Messages that may wait for one repo peer.
 const OUTBOUND_QUEUE: usize = 4096;
+/// How long shutdown waits for this socket's forwarded changes to become durable.
+const FORWARDED_WAIT: Duration = Duration::from_secs(3);
 
 pub fn upgrade(ws: WebSocketUpgrade, state: AppState, slot: ConnectionGuard) -> Response {
-    let max = state.limits.max_body;
-    let tasks = state.tasks.clone();
-    crate::ws_doc::configure(ws, max).on_upgrade(move |socket| {
-        tasks.track_future(async move {
-            let _slot = slot;
-            if let Err(e) = serve(socket, state).await {
-                tracing::debug!(error = %e, "repo socket ended");
-            }
-        })
-    })
+    let session = RepoSocket::new(&state);
+    let span = tracing::info_span!(
+        "repo_socket",
+        conn = session.conn,
+        peer = tracing::field::Empty
+    );
+    accept(ws, &state, slot, span, session)
 }
 
-fn binary(msg: &RepoMessage) -> Message {
-    Message::Binary(msg.encode().into())
+/// One repo peer's socket.
+struct RepoSocket {
+    hub: Arc<Hub>,
+    docs: Documents,
+    conn: ConnId,
+    core: Connection,
+    /// The owners' way back to this peer, and its receiving end.
+    link: PeerLink,
+    outbound: mpsc::Receiver<Outgoing>,
+    /// Cancelled when a newer socket of the same peer joins.
+    replaced: CancellationToken,
+    /// Documents this peer synced (detached when the socket ends).
+    synced: HashSet<DocId>,
+    forwarded: Forwarded,
 }
 
-fn close(code: u16, reason: String) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }))
+/// What the server side has for a repo peer.
+enum RepoEvent {
+    Outgoing(Outgoing),
+    Replaced,
 }
 
-async fn serve(socket: WebSocket, state: AppState) -> Result<(), axum::Error> {
-    let hub: Arc<Hub> = state.hub.clone();
-    let docs: Documents = state.docs.clone();
-    let conn_id = docs.next_conn_id();
-    let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
-    let link = PeerLink {
-        conn: conn_id,
-        tx,
-        overflow: Arc::new(AtomicBool::new(false)),
-    };
-    let replaced = CancellationToken::new();
-    let mut core = Connection::new(hub.server_id());
-    let mut synced: HashSet<DocId> = HashSet::new();
-    let (mut sink, mut stream) = socket.split();
-    let ping_every = state.limits.ping_interval;
-    let mut keepalive = Keepalive::new(ping_every);
-    let mut ping = keepalive.timer();
-    let shutdown = state.shutdown.clone();
-    let mut rate = RateLimit::per_second(state.limits.max_messages_per_sec);
+impl RepoSocket {
+    fn new(state: &AppState) -> Self {
+        let conn = state.docs.next_conn_id();
+        let (tx, outbound) = mpsc::channel(OUTBOUND_QUEUE);
+        Self {
+            hub: state.hub.clone(),
+            docs: state.docs.clone(),
+            conn,
+            core: Connection::new(state.hub.server_id()),
+            link: PeerLink {
+                conn,
+                tx,
+                overflow: Arc::new(AtomicBool::new(false)),
+            },
+            outbound,
+            replaced: CancellationToken::new(),
+            synced: HashSet::new(),
+            forwarded: Forwarded::default(),
+        }
+    }
 
-    let result: Result<(), axum::Error> = async {
-        loop {
-            tokio::select! {
-                frame = stream.next() => {
-                    keepalive.seen();
-                    if matches!(frame, Some(Ok(Message::Binary(_) | Message::Text(_)))) && !rate.allow() {
-                        tracing::warn!(peer = ?core.peer_id(), "closing a repo peer over its message rate");
-                        crate::metrics::rejected("rate_limited");
-                        sink.send(close(CLOSE_RATE_LIMIT, "message rate limit exceeded".into())).await?;
-                        return Ok(());
-                    }
-                    let actions = match frame {
-                        Some(Ok(Message::Binary(bytes))) => core.receive(&bytes),
-                        Some(Ok(Message::Text(_))) => core.receive(&[]),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                        Some(Ok(Message::Close(_))) | None => return Ok(()),
-                        Some(Err(e)) => {
-                            let _ = sink.send(close(crate::ws_doc::CLOSE_TOO_BIG, "message too big or malformed".into())).await;
-                            return Err(e);
+    /// Carries out the protocol's actions for one frame, in order, until one closes.
+    async fn act(&mut self, actions: Vec<Action>, out: &mut Outbox) {
+        for action in actions {
+            match action {
+                Action::Send(msg) => out.send(binary(&msg)),
+                Action::Close { code, reason } => return out.close(code, reason),
+                Action::Joined { peer_id } => {
+                    tracing::Span::current().record("peer", peer_id.as_str());
+                    self.hub.joined(&peer_id, self.conn, self.replaced.clone());
+                }
+                Action::Sync {
+                    doc,
+                    message,
+                    changes,
+                    request,
+                } => {
+                    let upload = if changes.is_empty() {
+                        None
+                    } else {
+                        match validate(&self.docs, &doc, changes.into()).await {
+                            Ok(upload) => Some(upload),
+                            Err(e) => {
+                                let reply = RepoMessage::Error {
+                                    sender_id: Some(self.hub.server_id().to_owned()),
+                                    target_id: self.core.peer_id().map(str::to_owned),
+                                    message: format!("rejected changes for {doc}: {e}"),
+                                };
+                                out.send(binary(&reply));
+                                continue;
+                            }
                         }
                     };
-                    for action in actions {
-                        match action {
-                            Action::Send(msg) => sink.send(binary(&msg)).await?,
-                            Action::Close { code, reason } => {
-                                sink.send(close(code, reason)).await?;
-                                return Ok(());
-                            }
-                            Action::Joined { peer_id } => {
-                                hub.joined(&peer_id, conn_id, replaced.clone());
-                            }
-                            Action::Sync { doc, message, changes, request } => {
-                                let upload = if changes.is_empty() {
-                                    None
-                                } else {
-                                    match validate(&docs, &doc, changes.into()).await {
-                                        Ok(u) => Some(u),
-                                        Err(e) => {
-                                            let reply = RepoMessage::Error {
-                                                sender_id: Some(hub.server_id().to_owned()),
-                                                target_id: core.peer_id().map(str::to_owned),
-                                                message: format!("rejected changes for {doc}: {e}"),
-                                            };
-                                            sink.send(binary(&reply)).await?;
-                                            continue;
-                                        }
-                                    }
-                                };
-                                hub.syncing(&doc, &link);
-                                synced.insert(doc.clone());
-                                docs.repo_sync(&doc, link.clone(), message, upload, request).await;
-                            }
-                            Action::Ephemeral { doc, sender_id, session_id, count, data } => {
-                                hub.relay_ephemeral(conn_id, &doc, &sender_id, &session_id, count, &data);
-                            }
-                        }
+                    self.hub.syncing(&doc, &self.link);
+                    self.synced.insert(doc.clone());
+                    let link = self.link.clone();
+                    let sent = self.docs.repo_sync(&doc, link, message, upload, request);
+                    if let Some(durable) = sent.await {
+                        self.forwarded.push(durable);
                     }
                 }
-                Some(out) = rx.recv() => {
-                    if link.overflow.load(Ordering::Acquire) {
-                        sink.send(close(CLOSE_FELL_BEHIND, "fell behind; reconnect to resync".into())).await?;
-                        return Ok(());
-                    }
-                    if let Some(msg) = core.outgoing(out) {
-                        sink.send(binary(&msg)).await?;
-                    }
-                }
-                _ = ping.tick() => {
-                    if keepalive.expired() {
-                        tracing::debug!(peer = ?core.peer_id(), "closing a repo peer that stopped answering pings");
-                        let closing = sink.send(close(CLOSE_FELL_BEHIND, "no answer to pings; reconnect to resync".into()));
-                        let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
-                        return Ok(());
-                    }
-                    sink.send(Message::Ping(bytes::Bytes::new())).await?;
-                }
-                _ = replaced.cancelled() => {
-                    let _ = sink.send(close(1000, "replaced by a newer connection of this peer".into())).await;
-                    return Ok(());
-                }
-                _ = shutdown.cancelled() => {
-                    let _ = sink.send(close(crate::ws_doc::CLOSE_GOING_AWAY, "server shutting down".into())).await;
-                    return Ok(());
+                Action::Ephemeral {
+                    doc,
+                    sender_id,
+                    session_id,
+                    count,
+                    data,
+                } => {
+                    self.hub.relay_ephemeral(
+                        self.conn,
+                        &doc,
+                        &sender_id,
+                        &session_id,
+                        count,
+                        &data,
+                    );
                 }
             }
         }
     }
-    .await;
+}
 
-    let synced: Vec<DocId> = synced.into_iter().collect();
-    hub.left(conn_id, core.peer_id(), &synced);
-    for doc in &synced {
-        docs.repo_detach(doc, conn_id).await;
+impl Session for RepoSocket {
+    type Event = RepoEvent;
+
+    async fn next_event(&mut self) -> Option<RepoEvent> {
+        tokio::select! {
+            Some(out) = self.outbound.recv() => Some(RepoEvent::Outgoing(out)),
+            _ = self.replaced.cancelled() => Some(RepoEvent::Replaced),
+        }
     }
-    result
+
+    fn on_event(&mut self, event: RepoEvent, out: &mut Outbox) {
+        match event {
+            RepoEvent::Outgoing(_) if self.link.overflow.load(Ordering::Acquire) => {
+                out.close(CLOSE_FELL_BEHIND, "fell behind; reconnect to resync");
+            }
+            RepoEvent::Outgoing(next) => {
+                if let Some(msg) = self.core.outgoing(next) {
+                    out.send(binary(&msg));
+                }
+            }
+            RepoEvent::Replaced => {
+                out.close(CLOSE_NORMAL, "replaced by a newer connection of this peer");
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Frame, out: &mut Outbox) {
+        let actions = match frame {
+            Frame::Binary(bytes) => self.core.receive(&bytes),
+            Frame::Text(_) => self.core.receive(&[]),
+        };
+        self.act(actions, out).await;
+    }
+
+    async fn drain(&mut self) {
+        self.forwarded.wait(FORWARDED_WAIT).await;
+    }
+
+    async fn finish(&mut self) {
+        let synced: Vec<DocId> = self.synced.drain().collect();
+        self.hub.left(self.conn, self.core.peer_id(), &synced);
+        for doc in &synced {
+            self.docs.repo_detach(doc, self.conn).await;
+        }
+    }
+}
+
+fn binary(msg: &RepoMessage) -> Message {
+    Message::Binary(msg.encode().into())
 }

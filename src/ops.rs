@@ -1,0 +1,80 @@
+//! The server's own routes under `/_/`: health, readiness, stats, Prometheus metrics and the
+//! document listing. Not a transport of documents; they report on the server.
+
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::error::RelayError;
+use crate::id::DocId;
+use crate::state::AppState;
+
+pub async fn health() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn ready(State(state): State<AppState>) -> Response {
+    match state.docs.list(None, 1).await {
+        Ok(_) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "not_ready", "message": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// Document counters, plus what the allocator holds (for telling live memory from free
+/// memory the process keeps).
+#[derive(serde::Serialize)]
+struct StatsBody {
+    #[serde(flatten)]
+    docs: crate::doc::StatsSnapshot,
+    heap: Option<crate::alloc::HeapUsage>,
+}
+
+pub async fn stats(State(state): State<AppState>) -> impl IntoResponse {
+    Json(StatsBody {
+        docs: state.docs.stats(),
+        heap: crate::alloc::heap_usage(),
+    })
+}
+
+pub async fn prometheus(State(state): State<AppState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return RelayError::NoRoute.into_response();
+    };
+    let s = state.docs.stats();
+    metrics::gauge!("relay_documents_hot").set(s.hot_documents as f64);
+    metrics::gauge!("relay_documents_hot_bytes").set(s.hot_bytes as f64);
+    metrics::gauge!("relay_connections").set(state.limits.connections.live() as f64);
+    metrics::gauge!("relay_subscribers").set(state.followers.count() as f64);
+    metrics::gauge!("relay_repo_peers").set(state.hub.peer_count() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+pub async fn list_docs(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, RelayError> {
+    let after = q.get("after").map(|a| DocId::parse(a)).transpose()?;
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| RelayError::BadRequest("limit must be a number".into()))?,
+        None => 100,
+    }
+    .clamp(1, 1000);
+    let ids = state.docs.list(after.as_ref(), limit).await?;
+    let ids: Vec<&str> = ids.iter().map(|d| d.as_str()).collect();
+    Ok(Json(json!({ "documents": ids })).into_response())
+}

@@ -1,0 +1,137 @@
+//! The router: which transport serves a request. The only module that knows every transport,
+//! so the transports never import each other.
+//!
+//! `GET /{id}` is three things: a WebSocket upgrade goes to [`ws_doc`](crate::ws_doc),
+//! `Accept: text/event-stream` to [`sse`](crate::sse), anything else to [`http`](crate::http).
+//! `GET /` is the automerge-repo socket ([`repo::socket`](crate::repo::socket)) on an upgrade,
+//! else a short description of the API. Live connections take a connection slot first.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::Method;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::error::RelayError;
+use crate::state::AppState;
+use crate::transport::request::doc_id;
+use crate::{http, ops, repo, sse, ws_doc};
+
+const ABOUT: &str = "automerge-relay: a merge-on-write server for Automerge documents.
+
+  GET    /{id}            the document (Automerge.save format); ?since=h1,h2 for changes only
+  PUT    /{id}, POST      merge a save or incremental changes (never overwrites)
+  DELETE /{id}            delete the document
+  GET    /{id} + WebSocket upgrade      live changes of one document
+  GET    /{id} + Accept: text/event-stream   change notifications (SSE)
+  GET    /  + WebSocket upgrade          automerge-repo sync protocol
+  GET    /_/health, /_/ready, /_/metrics, /_/stats, /_/docs
+
+Ids: 1-128 characters of A-Z a-z 0-9 . _ ~ -, not starting with _ or .
+";
+
+/// Builds the router with CORS and request tracing.
+pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String> {
+    let origin = if cors_origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        let list = cors_origins
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o.trim()).map_err(|_| format!("bad --cors-origin {o:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    let cors = CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::POST,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::ACCEPT,
+            header::CACHE_CONTROL,
+        ])
+        .expose_headers([header::ETAG])
+        .max_age(std::time::Duration::from_secs(600));
+
+    Ok(Router::new()
+        .route("/", get(root))
+        .route("/_/health", get(ops::health))
+        .route("/_/ready", get(ops::ready))
+        .route("/_/stats", get(ops::stats))
+        .route("/_/metrics", get(ops::prometheus))
+        .route("/_/docs", get(ops::list_docs))
+        .route(
+            "/{id}",
+            get(get_doc)
+                .put(http::put_doc)
+                .post(http::put_doc)
+                .delete(http::delete_doc),
+        )
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(cors)
+        // Failures are logged by RelayError itself, at the level they deserve.
+        .layer(TraceLayer::new_for_http().on_failure(())))
+}
+
+/// `GET /`: the automerge-repo socket, or what this server is.
+async fn root(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match ws {
+        Ok(ws) => match state.limits.connections.acquire(None) {
+            Ok(slot) => repo::socket::upgrade(ws, state, slot),
+            Err(e) => e.into_response(),
+        },
+        Err(_) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ABOUT).into_response(),
+    }
+}
+
+/// `GET /{id}`: a live socket, an event stream or the document.
+async fn get_doc(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, RelayError> {
+    let id = doc_id(path)?;
+    if let Ok(ws) = ws {
+        let slot = state.limits.connections.acquire(Some(&id))?;
+        return Ok(ws_doc::upgrade(ws, state, id, slot));
+    }
+    if sse::wants_sse(&headers) {
+        let slot = state.limits.connections.acquire(Some(&id))?;
+        return sse::stream(state, id, slot).await;
+    }
+    http::get_doc(&state, id, &query, &headers).await
+}
+
+async fn no_route() -> RelayError {
+    RelayError::NoRoute
+}
+
+async fn method_not_allowed() -> RelayError {
+    RelayError::MethodNotAllowed
+}
