@@ -13,9 +13,9 @@ use super::wire::{PeerMetadata, RepoMessage};
 use crate::doc::Outgoing;
 use crate::id::DocId;
 
-/// Close code after a protocol violation (WebSocket 1002, "protocol error"); listed with the
-/// server's other close codes.
-pub use crate::transport::close::CLOSE_PROTOCOL;
+/// Close code after a protocol violation (WebSocket 1002, "protocol error": bad handshake,
+/// unsupported version).
+pub const CLOSE_PROTOCOL: u16 = 1002;
 
 /// The only protocol version spoken.
 pub const PROTOCOL_VERSION: &str = "1";

@@ -1,11 +1,11 @@
-//! Every WebSocket close code the server sends, in one list (README documents them).
+//! Every WebSocket close code the server sends, in one list (docs/live-push.md documents them),
+//! but for 1002 (an automerge-repo protocol violation), which the sans-IO protocol core decides
+//! on its own: `repo::protocol::CLOSE_PROTOCOL`.
 
 /// Normal closure: a newer connection of the same automerge-repo peer replaced this one.
 pub const CLOSE_NORMAL: u16 = 1000;
 /// The server is shutting down (after finishing the socket's accepted work).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
-/// An automerge-repo protocol violation (bad handshake, unsupported version).
-pub const CLOSE_PROTOCOL: u16 = 1002;
 /// The socket exceeded its message rate (policy violation).
 pub const CLOSE_RATE_LIMIT: u16 = 1008;
 /// A message over `--max-body`, or a frame that does not parse.
