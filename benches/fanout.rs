@@ -20,7 +20,7 @@ mod support;
 use support::{arg, cpu_secs, rss_kib, ws_config, Relay};
 
 fn hashes(bytes: &[u8]) -> Vec<ChangeHash> {
-    automerge_relay::upload::split_chunks(bytes)
+    automerge_relay::split_chunks(bytes)
         .map(|chunks| {
             chunks
                 .into_iter()

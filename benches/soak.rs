@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, Automerge, ChangeHash, ROOT};
-use automerge_relay::doc::PeerSync;
-use automerge_relay::repo::wire::{PeerMetadata, RepoMessage};
+use automerge_relay::PeerSync;
+use automerge_relay::{PeerMetadata, RepoMessage};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -411,7 +411,7 @@ fn main() {
         }
         let rss_converged = rss_kib(pid);
         // Let the relay settle (its allocator trim runs every 10 s) before the final reading.
-        tokio::time::sleep(automerge_relay::alloc::TRIM_EVERY + Duration::from_secs(5)).await;
+        tokio::time::sleep(automerge_relay::TRIM_EVERY + Duration::from_secs(5)).await;
         let st = stats(&c, relay.port).await;
         let (rss_end, hot_end) = (rss_kib(pid), st["hot_bytes"].as_u64().unwrap_or(0));
         println!("RSS when the load stopped {rss_stop} KiB, once converged {rss_converged} KiB");

@@ -12,22 +12,37 @@
 //! - [`storage`]: the store trait and its backends;
 //! - helpers: [`id`], [`upload`] (strict validation), [`error`], [`config`].
 
-pub mod alloc;
-pub mod config;
-pub mod doc;
-pub mod error;
-pub mod http;
-pub mod id;
-pub mod limits;
-pub mod live;
-pub mod metrics;
-pub mod ops;
-pub mod repo;
-pub mod router;
-pub mod server;
-pub mod sse;
-pub mod state;
-pub mod storage;
-pub mod transport;
-pub mod upload;
-pub mod ws_doc;
+mod alloc;
+mod config;
+mod doc;
+mod error;
+mod http;
+mod id;
+mod limits;
+mod live;
+mod metrics;
+mod ops;
+mod repo;
+mod router;
+mod server;
+mod sse;
+mod state;
+mod storage;
+mod transport;
+mod upload;
+mod ws_doc;
+
+// The binary: flags, the allocator's tuning, running until a signal.
+pub use alloc::{spawn_trimmer, tune as tune_allocator, TRIM_EVERY};
+pub use config::Cli;
+pub use server::{run, shutdown_signal, ServeError};
+
+// What parses client bytes, for the property tests, benchmarks and fuzz targets.
+pub use doc::{etag_for, parse_heads, Outgoing, PeerSync};
+pub use error::RelayError;
+pub use id::DocId;
+pub use repo::protocol::{
+    Action as RepoAction, Connection as RepoConnection, EphemeralFilter, CLOSE_PROTOCOL,
+};
+pub use repo::wire::{PeerMetadata, RepoMessage};
+pub use upload::{parse_upload, parse_upload_with, split_chunks, Hint, Upload};

@@ -70,7 +70,6 @@ pub struct Follower {
     conn: ConnId,
     sub: Subscription,
     last_heads: Vec<ChangeHash>,
-    catch_ups: u64,
     _counted: Counted,
 }
 
@@ -93,7 +92,6 @@ impl Follower {
             conn,
             sub,
             last_heads,
-            catch_ups: 0,
             _counted: Counted::new(gauge),
         };
         Ok((follower, initial.map(|(bytes, _)| bytes)))
@@ -102,11 +100,6 @@ impl Follower {
     /// This subscriber's connection id (its own writes are not echoed to it).
     pub fn conn(&self) -> ConnId {
         self.conn
-    }
-
-    /// How many times this follower fell behind and caught up.
-    pub fn catch_ups(&self) -> u64 {
-        self.catch_ups
     }
 
     /// The next thing to deliver; `None` once the subscription has ended.
@@ -141,7 +134,6 @@ impl Follower {
     }
 
     async fn catch_up(&mut self) -> Result<Option<Delivery>, RelayError> {
-        self.catch_ups += 1;
         let since = Some(self.last_heads.clone());
         match self.docs.read(&self.id, since).await? {
             ReadOutcome::Missing => Ok(Some(Delivery::Deleted)),

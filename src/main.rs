@@ -4,12 +4,11 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use automerge_relay::config::Cli;
-use automerge_relay::server;
+use automerge_relay::Cli;
 
 fn main() -> std::process::ExitCode {
     // Before the runtime starts its threads.
-    automerge_relay::alloc::tune();
+    automerge_relay::tune_allocator();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,14 +39,14 @@ async fn run() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Cli::parse().into_serve_args();
-    automerge_relay::alloc::spawn_trimmer();
+    automerge_relay::spawn_trimmer();
     let token = CancellationToken::new();
     let signal_token = token.clone();
     tokio::spawn(async move {
-        server::shutdown_signal().await;
+        automerge_relay::shutdown_signal().await;
         signal_token.cancel();
     });
-    match server::run(args, token).await {
+    match automerge_relay::run(args, token).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "automerge-relay failed");

@@ -99,7 +99,7 @@ impl Session for DocSocket {
                 let write = write_one(self.state.docs.clone(), self.id.clone(), origin, data);
                 out.reply_later(write);
             }
-            Frame::Text(_) => {
+            Frame::Text => {
                 let e = RelayError::BadRequest("send Automerge data as binary messages".into());
                 out.send(error_message(&e));
             }

@@ -43,7 +43,7 @@ async fn next_json(ws: &mut Ws) -> serde_json::Value {
 
 /// Change hashes carried by a pushed message (a concatenation of change chunks).
 fn hashes_in(bytes: &[u8]) -> Vec<ChangeHash> {
-    automerge_relay::upload::split_chunks(bytes)
+    automerge_relay::split_chunks(bytes)
         .unwrap()
         .into_iter()
         .map(|(_, chunk)| Change::try_from(chunk).unwrap().hash())

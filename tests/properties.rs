@@ -6,12 +6,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ReadDoc, Value, ROOT};
-use automerge_relay::doc::{etag_for, parse_heads};
-use automerge_relay::error::RelayError;
-use automerge_relay::id::DocId;
-use automerge_relay::repo::protocol::{Action, Connection, EphemeralFilter};
-use automerge_relay::repo::wire::{PeerMetadata, RepoMessage};
-use automerge_relay::upload::{parse_upload, split_chunks, Upload};
+use automerge_relay::DocId;
+use automerge_relay::RelayError;
+use automerge_relay::{etag_for, parse_heads};
+use automerge_relay::{parse_upload, split_chunks, Upload};
+use automerge_relay::{EphemeralFilter, RepoAction as Action, RepoConnection as Connection};
+use automerge_relay::{PeerMetadata, RepoMessage};
 use bytes::Bytes;
 use proptest::prelude::*;
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, Automerge, ChangeHash, ROOT};
-use automerge_relay::repo::wire::RepoMessage;
+use automerge_relay::RepoMessage;
 use common::Relay;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;

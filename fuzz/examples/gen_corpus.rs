@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use automerge_relay::repo::wire::RepoMessage;
+use automerge_relay::RepoMessage;
 use relay_fuzz::{build, encode_raw_frames, join_frame, save, Op, SaveKind, FIXTURE_DOC};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {

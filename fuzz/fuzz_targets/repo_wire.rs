@@ -4,7 +4,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use automerge_relay::repo::wire::RepoMessage;
+use automerge_relay::RepoMessage;
 use libfuzzer_sys::fuzz_target;
 use relay_fuzz::MsgSpec;
 

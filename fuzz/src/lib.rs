@@ -11,12 +11,12 @@ use arbitrary::Arbitrary;
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ReadDoc, Value, ROOT};
-use automerge_relay::doc::{etag_for, parse_heads};
-use automerge_relay::error::RelayError;
-use automerge_relay::id::DocId;
-use automerge_relay::repo::protocol::{Action, Connection, CLOSE_PROTOCOL};
-use automerge_relay::repo::wire::{PeerMetadata, RepoMessage};
-use automerge_relay::upload::{parse_upload, parse_upload_with, split_chunks, Hint, Upload};
+use automerge_relay::{etag_for, parse_heads};
+use automerge_relay::RelayError;
+use automerge_relay::DocId;
+use automerge_relay::{RepoAction as Action, RepoConnection as Connection, CLOSE_PROTOCOL};
+use automerge_relay::{PeerMetadata, RepoMessage};
+use automerge_relay::{parse_upload, parse_upload_with, split_chunks, Hint, Upload};
 use bytes::Bytes;
 
 // ---------------------------------------------------------------------------------------------
@@ -912,7 +912,7 @@ pub fn run_connection(frames: &[Vec<u8>]) {
         }
     }
     let doc = DocId::parse(FIXTURE_DOC).expect("fixture id");
-    let out = conn.outgoing(automerge_relay::doc::Outgoing::Unavailable { doc });
+    let out = conn.outgoing(automerge_relay::Outgoing::Unavailable { doc });
     assert_eq!(out.is_some(), conn.peer_id().is_some());
 }
 

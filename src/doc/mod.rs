@@ -25,7 +25,7 @@ mod shared;
 mod stats;
 mod turn;
 
-pub use api::{DocEvent, Precondition, PushBatch, ReadOutcome, Subscription, WriteOutcome};
+pub use api::{DocEvent, Precondition, ReadOutcome, Subscription, WriteOutcome};
 pub use etag::{etag_for, parse_heads};
 pub use peer::{Outgoing, PeerLink};
 pub use peer_sync::PeerSync;

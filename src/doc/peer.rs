@@ -47,8 +47,4 @@ impl PeerLink {
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
-
-    pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
 }

@@ -156,10 +156,6 @@ pub struct Documents {
 }
 
 impl Documents {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self::with_config(store, DocConfig::default())
-    }
-
     pub fn with_config(store: Arc<dyn Store>, config: DocConfig) -> Self {
         let budget = config.memory_budget;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| Inner {

@@ -57,7 +57,7 @@ impl Hub {
             .or_insert_with(|| link.clone());
     }
 
-    /// Relays an ephemeral message to the document's other peers; false if it was a repeat.
+    /// Relays an ephemeral message to the document's other peers (a repeat is dropped).
     pub fn relay_ephemeral(
         &self,
         from: ConnId,
@@ -66,13 +66,13 @@ impl Hub {
         session_id: &str,
         count: u64,
         data: &[u8],
-    ) -> bool {
+    ) {
         let fresh = match self.ephemeral.lock() {
             Ok(mut f) => f.admit(sender_id, session_id, count),
             Err(_) => false,
         };
         if !fresh {
-            return false;
+            return;
         }
         if let Some(peers) = self.doc_peers.get(doc) {
             for (conn, link) in peers.iter() {
@@ -87,7 +87,6 @@ impl Hub {
                 }
             }
         }
-        true
     }
 
     /// Forgets a closed connection.

@@ -178,7 +178,7 @@ impl Session for RepoSocket {
     async fn on_frame(&mut self, frame: Frame, out: &mut Outbox) {
         let actions = match frame {
             Frame::Binary(bytes) => self.core.receive(&bytes),
-            Frame::Text(_) => self.core.receive(&[]),
+            Frame::Text => self.core.receive(&[]),
         };
         self.act(actions, out).await;
     }

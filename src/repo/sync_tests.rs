@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::protocol::{Action, Connection};
 use super::wire::RepoMessage;
-use crate::doc::{Documents, Outgoing, PeerLink, Precondition, ReadOutcome};
+use crate::doc::{DocConfig, Documents, Outgoing, PeerLink, Precondition, ReadOutcome};
 use crate::id::DocId;
 use crate::storage::MemoryStore;
 use crate::upload::parse_upload;
@@ -116,7 +116,7 @@ impl Peer {
 }
 
 fn docs() -> Documents {
-    Documents::new(Arc::new(MemoryStore::new()))
+    Documents::with_config(Arc::new(MemoryStore::new()), DocConfig::default())
 }
 
 async fn server_heads(docs: &Documents, id: &DocId) -> Vec<automerge::ChangeHash> {

@@ -43,12 +43,7 @@ fn parse_key(raw: &[u8]) -> Option<(&str, ChunkKey)> {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`, with sled's default page cache (1 GiB).
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with_cache(dir, 1 << 30)
-    }
-
-    /// Opens the store with a page cache of at most `cache_bytes`.
+    /// Opens (or creates) the store in `dir`, with a page cache of at most `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
@@ -181,7 +176,7 @@ mod tests {
     #[tokio::test]
     async fn follows_the_store_contract() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open_with_cache(dir.path(), 16 << 20).unwrap();
         super::super::contract::append_load_compact_delete(&store).await;
     }
 
@@ -190,10 +185,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let doc = DocId::parse("persist").unwrap();
         {
-            let store = SledStore::open(dir.path()).unwrap();
+            let store = SledStore::open_with_cache(dir.path(), 16 << 20).unwrap();
             store.append(&doc, b"abc".to_vec()).await.unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open_with_cache(dir.path(), 16 << 20).unwrap();
         let chunks = store.load(&doc).await.unwrap();
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].bytes, b"abc");
