@@ -1,16 +1,18 @@
 //! automerge-relay: a server that keeps one Automerge document per id and merges every upload.
 //!
-//! Layers, from the outside in (see ARCHITECTURE.md):
-//! - [`router`]: which transport serves a request (the only module that knows them all);
-//! - transports, thin adapters that never import each other: [`http`] (document routes),
-//!   [`ws_doc`] (per-document WebSocket), [`sse`], [`repo::socket`] (automerge-repo), plus
-//!   [`ops`] (the server's `/_/` routes);
-//! - [`transport`]: what they share (request reading, validation, write outcomes, close codes,
-//!   the live-socket loop); [`state`]: the state every route gets; [`live`]: following a
-//!   document;
-//! - [`doc`]: one owner task per document (batched merge, group commit, subscribers);
-//! - [`storage`]: the store trait and its backends;
-//! - helpers: [`id`], [`upload`] (strict validation), [`error`], [`config`].
+//! Layers, from the outside in (ARCHITECTURE.md has the table `tests/architecture.rs` enforces):
+//! - `router`: which transport serves a request (the only module that knows them all);
+//! - transports, thin adapters that never import each other: `http` (document routes),
+//!   `ws_doc` (per-document WebSocket), `sse`, `repo::socket` (automerge-repo), plus `ops` (the
+//!   server's `/_/` routes);
+//! - `transport`: what they share (request reading, validation, write outcomes, close codes,
+//!   the live-socket loop); `state`: the state every route gets; `live`: following a document;
+//! - `doc`: one owner task per document (batched merge, group commit, subscribers);
+//! - `storage`: the store trait and its backends;
+//! - helpers: `id`, `upload` (strict validation), `error`, `config`, `limits`, `metrics`, `alloc`.
+//!
+//! Every module is private: the items below are what the binary, the tests, the benchmarks and
+//! the fuzz targets use.
 
 mod alloc;
 mod config;

@@ -140,6 +140,15 @@ async fn stored(relay: &Relay, id: &str) -> Automerge {
     Automerge::load(&body).expect("stored document loads")
 }
 
+/// The heads `doc` does not have.
+fn missing(doc: &Automerge, heads: &[ChangeHash]) -> Vec<ChangeHash> {
+    heads
+        .iter()
+        .filter(|h| doc.get_change_meta_by_hash(h).is_none())
+        .copied()
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_flight_loses_no_acknowledged_change_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
@@ -206,20 +215,13 @@ async fn sigterm_mid_flight_loses_no_acknowledged_change_and_exits_0() {
     let ws_stored = stored(&relay, ws_doc).await;
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 30);
-    let lost: Vec<_> = acked
-        .iter()
-        .filter(|h| ws_stored.get_change_meta_by_hash(h).is_none())
-        .collect();
+    let lost = missing(&ws_stored, &acked);
     assert!(
         lost.is_empty(),
         "acknowledged WebSocket changes lost: {lost:?}"
     );
     let repo_stored = stored(&relay, &repo_doc).await;
-    let seen = seen.lock().unwrap().clone();
-    let lost: Vec<_> = seen
-        .iter()
-        .filter(|h| repo_stored.get_change_meta_by_hash(h).is_none())
-        .collect();
+    let lost = missing(&repo_stored, &seen.lock().unwrap());
     assert!(
         lost.is_empty(),
         "changes the relay told repo peers it had were lost: {lost:?}"

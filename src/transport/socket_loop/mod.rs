@@ -181,94 +181,81 @@ where
     E: Display,
     S: Session,
 {
-    let result = drive(sink, stream, session, settings).await;
-    session.finish().await;
-    result
-}
-
-async fn drive<Si, St, E, S>(
-    sink: Si,
-    stream: St,
-    session: &mut S,
-    settings: Settings,
-) -> Result<(), SocketError>
-where
-    Si: Sink<Message>,
-    Si::Error: Display,
-    St: Stream<Item = Result<Message, E>>,
-    E: Display,
-    S: Session,
-{
-    let mut sink = pin!(sink);
-    let mut stream = pin!(stream);
-    let mut out = Outbox::new();
-    session.open(&mut out).await;
-    if flush(&mut sink, &mut out).await? == Flow::Closed {
-        return Ok(());
-    }
-    let mut keepalive = Keepalive::new(settings.ping_interval);
-    let mut ping = keepalive.timer();
-    let mut rate = RateLimit::per_second(settings.max_messages_per_sec);
-    let mut events = true;
-    loop {
-        let wake = tokio::select! {
-            frame = stream.next(), if out.in_flight() < MAX_IN_FLIGHT => Wake::Frame(frame),
-            Some(reply) = out.replies.next(), if out.in_flight() > 0 => Wake::Reply(reply),
-            event = session.next_event(), if events => Wake::Event(event),
-            _ = ping.tick() => Wake::Ping,
-            _ = settings.shutdown.cancelled() => Wake::Shutdown,
-        };
-        match wake {
-            Wake::Frame(frame) => {
-                keepalive.seen();
-                let frame = match frame {
-                    Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes),
-                    Some(Ok(Message::Text(_))) => Frame::Text,
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => {
-                        // The peer left: what it sent still completes, unanswered.
-                        while out.replies.next().await.is_some() {}
-                        session.drain().await;
-                        return Ok(());
-                    }
-                    Some(Err(e)) => {
-                        tracing::info!(error = %e, "closing a socket over a bad frame");
-                        crate::metrics::rejected("message_too_big");
-                        out.close(CLOSE_TOO_BIG, "message too big or malformed");
-                        flush(&mut sink, &mut out).await?;
-                        return Err(SocketError::Receive(e.to_string()));
-                    }
-                };
-                if rate.allow() {
-                    session.on_frame(frame, &mut out).await;
-                } else {
-                    tracing::warn!("closing a socket over its message rate");
-                    crate::metrics::rejected("rate_limited");
-                    out.close(CLOSE_RATE_LIMIT, "message rate limit exceeded");
-                }
-            }
-            Wake::Reply(reply) => out.send(reply),
-            Wake::Event(Some(event)) => session.on_event(event, &mut out),
-            Wake::Event(None) => events = false,
-            Wake::Ping if keepalive.expired() => {
-                tracing::debug!("closing a socket that stopped answering pings");
-                out.close(CLOSE_FELL_BEHIND, "no answer to pings; reconnect to resync");
-            }
-            Wake::Ping => out.send(Message::Ping(Bytes::new())),
-            Wake::Shutdown => {
-                // Finish what was accepted, answer it, then say goodbye.
-                while let Some(reply) = out.replies.next().await {
-                    out.send(reply);
-                    flush(&mut sink, &mut out).await?;
-                }
-                session.drain().await;
-                out.close(CLOSE_GOING_AWAY, "server shutting down");
-            }
-        }
+    let result: Result<(), SocketError> = async {
+        let mut sink = pin!(sink);
+        let mut stream = pin!(stream);
+        let mut out = Outbox::new();
+        session.open(&mut out).await;
         if flush(&mut sink, &mut out).await? == Flow::Closed {
             return Ok(());
         }
+        let mut keepalive = Keepalive::new(settings.ping_interval);
+        let mut ping = keepalive.timer();
+        let mut rate = RateLimit::per_second(settings.max_messages_per_sec);
+        let mut events = true;
+        loop {
+            let wake = tokio::select! {
+                frame = stream.next(), if out.in_flight() < MAX_IN_FLIGHT => Wake::Frame(frame),
+                Some(reply) = out.replies.next(), if out.in_flight() > 0 => Wake::Reply(reply),
+                event = session.next_event(), if events => Wake::Event(event),
+                _ = ping.tick() => Wake::Ping,
+                _ = settings.shutdown.cancelled() => Wake::Shutdown,
+            };
+            match wake {
+                Wake::Frame(frame) => {
+                    keepalive.seen();
+                    let frame = match frame {
+                        Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes),
+                        Some(Ok(Message::Text(_))) => Frame::Text,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Ok(Message::Close(_))) | None => {
+                            // The peer left: what it sent still completes, unanswered.
+                            while out.replies.next().await.is_some() {}
+                            session.drain().await;
+                            return Ok(());
+                        }
+                        Some(Err(e)) => {
+                            tracing::info!(error = %e, "closing a socket over a bad frame");
+                            crate::metrics::rejected("message_too_big");
+                            out.close(CLOSE_TOO_BIG, "message too big or malformed");
+                            flush(&mut sink, &mut out).await?;
+                            return Err(SocketError::Receive(e.to_string()));
+                        }
+                    };
+                    if rate.allow() {
+                        session.on_frame(frame, &mut out).await;
+                    } else {
+                        tracing::warn!("closing a socket over its message rate");
+                        crate::metrics::rejected("rate_limited");
+                        out.close(CLOSE_RATE_LIMIT, "message rate limit exceeded");
+                    }
+                }
+                Wake::Reply(reply) => out.send(reply),
+                Wake::Event(Some(event)) => session.on_event(event, &mut out),
+                Wake::Event(None) => events = false,
+                Wake::Ping if keepalive.expired() => {
+                    tracing::debug!("closing a socket that stopped answering pings");
+                    out.close(CLOSE_FELL_BEHIND, "no answer to pings; reconnect to resync");
+                }
+                Wake::Ping => out.send(Message::Ping(Bytes::new())),
+                Wake::Shutdown => {
+                    // Finish what was accepted, answer it, then say goodbye.
+                    while let Some(reply) = out.replies.next().await {
+                        out.send(reply);
+                        flush(&mut sink, &mut out).await?;
+                    }
+                    session.drain().await;
+                    out.close(CLOSE_GOING_AWAY, "server shutting down");
+                }
+            }
+            if flush(&mut sink, &mut out).await? == Flow::Closed {
+                return Ok(());
+            }
+        }
     }
+    .await;
+    session.finish().await;
+    result
 }
 
 /// The one place that writes to the socket: the outbox's messages in order, then its close.
