@@ -110,11 +110,48 @@ pub struct ServeArgs {
     /// Seconds to wait for in-flight work at shutdown before exiting anyway.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+
+    /// Static tokens with their grants (TOML, `[[token]]` entries; `automerge-relay token`
+    /// makes one). Reloaded on SIGHUP.
+    #[arg(long, env = "RELAY_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Accept HS256 JWTs signed with this file's bytes as the key (one trailing newline is
+    /// ignored). Reloaded on SIGHUP.
+    #[arg(long, env = "RELAY_AUTH_JWT_SECRET_FILE")]
+    pub auth_jwt_secret_file: Option<PathBuf>,
+
+    /// Accept EdDSA or ES256 JWTs verified with this PEM public key. Reloaded on SIGHUP.
+    #[arg(long, env = "RELAY_AUTH_JWT_PUBLIC_KEY")]
+    pub auth_jwt_public_key: Option<PathBuf>,
+
+    /// Required JWT audience (`aud`), comma-separated for several; default: not checked.
+    #[arg(long, env = "RELAY_AUTH_JWT_AUDIENCE", value_delimiter = ',')]
+    pub auth_jwt_audience: Vec<String>,
+
+    /// Serve without credentials on a non-loopback address (anyone who can reach the relay
+    /// can read, overwrite and delete every document).
+    #[arg(long, env = "RELAY_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// Serve /_/metrics without a token (it never shows secrets or document contents).
+    #[arg(long, env = "RELAY_METRICS_PUBLIC")]
+    pub metrics_public: bool,
 }
 
 impl ServeArgs {
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_secs.max(1))
+    }
+
+    /// Where credentials come from.
+    pub fn auth_settings(&self) -> crate::auth::AuthSettings {
+        crate::auth::AuthSettings {
+            tokens_file: self.auth_tokens.clone(),
+            jwt_secret_file: self.auth_jwt_secret_file.clone(),
+            jwt_public_key: self.auth_jwt_public_key.clone(),
+            jwt_audience: self.auth_jwt_audience.clone(),
+        }
     }
 }
 

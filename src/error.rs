@@ -37,6 +37,10 @@ pub enum RelayError {
     BadRequest(String),
     #[error("storage failed: {0}")]
     Storage(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -61,6 +65,8 @@ impl RelayError {
             RelayError::BadSince(_) => "bad_since",
             RelayError::BadRequest(_) => "bad_request",
             RelayError::Storage(_) => "storage_error",
+            RelayError::Unauthorized(_) => "unauthorized",
+            RelayError::Forbidden(_) => "forbidden",
             RelayError::ShuttingDown => "shutting_down",
             RelayError::Internal(_) => "internal_error",
         }
@@ -75,6 +81,8 @@ impl RelayError {
             | RelayError::BadSince(_)
             | RelayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RelayError::NotFound | RelayError::NoRoute => StatusCode::NOT_FOUND,
+            RelayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            RelayError::Forbidden(_) => StatusCode::FORBIDDEN,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RelayError::TooLarge { .. } | RelayError::DocTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -106,6 +114,12 @@ impl IntoResponse for RelayError {
             tracing::debug!(error = %self, "request rejected");
         }
         let mut resp = (self.status(), Json(self.body())).into_response();
+        if matches!(self, RelayError::Unauthorized(_)) {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         if matches!(self, RelayError::TooLarge { .. }) {
             // The rest of the body was not read, so this connection cannot carry another request.
             resp.headers_mut().insert(

@@ -15,6 +15,7 @@
 //! the fuzz targets use.
 
 mod alloc;
+mod auth;
 mod config;
 mod doc;
 mod error;

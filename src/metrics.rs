@@ -16,6 +16,7 @@ pub const EVICTED: &str = "relay_documents_evicted_total";
 pub const COMPACTIONS: &str = "relay_compactions_total";
 pub const OVERFLOWS: &str = "relay_subscriber_overflows_total";
 pub const REJECTED: &str = "relay_rejected_total";
+pub const AUTH_FAILURES: &str = "relay_auth_failures_total";
 
 /// How often histogram samples are folded into their buckets when nobody scrapes.
 const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
