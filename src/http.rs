@@ -14,10 +14,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::auth::Access;
 use crate::doc::{parse_heads, Precondition, ReadOutcome};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::state::AppState;
+use crate::transport::caller::Caller;
 use crate::transport::outcome::{outcome_json, write_status};
 use crate::transport::request::{doc_id, read_body};
 use crate::transport::validate::validate;
@@ -84,13 +86,16 @@ fn precondition(headers: &HeaderMap) -> Precondition {
 /// `PUT /{id}` and `POST /{id}`: merge the body (never overwrites).
 pub async fn put_doc(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, RelayError> {
-    // Read the body first (bounded), so an error answer leaves the connection reusable.
-    let bytes = read_body(&headers, body, state.limits.max_body).await?;
+    // The grant first: a caller without one does not get its body read. Then the body
+    // (bounded), so any other error answer leaves the connection reusable.
     let id = doc_id(path)?;
+    caller.require(&id, Access::Write)?;
+    let bytes = read_body(&headers, body, state.limits.max_body).await?;
     let upload = validate(&state.docs, &id, bytes).await?;
     let outcome = state
         .docs
@@ -106,9 +111,11 @@ pub async fn put_doc(
 /// `DELETE /{id}`: 204, or 404 when there was nothing to delete.
 pub async fn delete_doc(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, RelayError> {
     let id = doc_id(path)?;
+    caller.require(&id, Access::Write)?;
     if state.docs.delete(&id).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

@@ -20,8 +20,10 @@ use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Access;
 use crate::error::RelayError;
 use crate::state::AppState;
+use crate::transport::caller::Caller;
 use crate::transport::request::doc_id;
 use crate::{http, ops, repo, sse, ws_doc};
 
@@ -90,40 +92,52 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(cors)
-        // Failures are logged by RelayError itself, at the level they deserve.
-        .layer(TraceLayer::new_for_http().on_failure(())))
+        // Failures are logged by RelayError itself, at the level they deserve. Spans name the
+        // path only: a query may carry a token.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<_>| {
+                    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+                })
+                .on_failure(()),
+        ))
 }
 
 /// `GET /`: the automerge-repo socket, or what this server is.
 async fn root(
     State(state): State<AppState>,
+    caller: Result<Caller, RelayError>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    match ws {
-        Ok(ws) => match state.limits.connections.acquire(None) {
-            Ok(slot) => repo::socket::upgrade(ws, state, slot),
-            Err(e) => e.into_response(),
-        },
-        Err(_) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ABOUT).into_response(),
-    }
+) -> Result<Response, RelayError> {
+    let Ok(ws) = ws else {
+        let about = ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ABOUT);
+        return Ok(about.into_response());
+    };
+    // The token is checked before the upgrade; each document's grant per message.
+    let Caller(principal) = caller?;
+    let slot = state.limits.connections.acquire(None)?;
+    Ok(repo::socket::upgrade(ws, state, slot, principal))
 }
 
 /// `GET /{id}`: a live socket, an event stream or the document.
 async fn get_doc(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, RelayError> {
     let id = doc_id(path)?;
+    // Reading covers subscribing; a read-only WebSocket client's uploads are refused there.
+    caller.require(&id, Access::Read)?;
     if let Ok(ws) = ws {
         let slot = state.limits.connections.acquire(Some(&id))?;
-        return Ok(ws_doc::upgrade(ws, state, id, slot));
+        return Ok(ws_doc::upgrade(ws, state, id, slot, caller.0));
     }
     if sse::wants_sse(&headers) {
         let slot = state.limits.connections.acquire(Some(&id))?;
-        return sse::stream(state, id, slot).await;
+        return sse::stream(state, id, slot, caller.expires_at()).await;
     }
     http::get_doc(&state, id, &query, &headers).await
 }

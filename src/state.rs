@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::doc::Documents;
 use crate::limits::ConnectionLimits;
 use crate::live::Followers;
@@ -29,6 +30,10 @@ pub struct AppState {
     pub followers: Followers,
     /// Renders `/_/metrics` (absent when no recorder could be installed).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The credentials every request is checked against.
+    pub auth: Arc<Auth>,
+    /// `/_/metrics` needs no token (`--metrics-public`).
+    pub metrics_public: bool,
 }
 
 /// Limits and tuning the transports need.

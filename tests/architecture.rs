@@ -8,26 +8,33 @@ use std::path::{Path, PathBuf};
 /// Top-level module → the top-level modules it may use. Keep in step with ARCHITECTURE.md.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("alloc", &[]),
-    ("config", &[]),
     ("metrics", &[]),
     ("error", &["metrics"]),
     ("id", &["error"]),
+    ("auth", &["id", "metrics"]),
+    ("config", &["auth"]),
     ("upload", &["error"]),
     ("limits", &["error", "id"]),
     ("storage", &["id"]),
     ("doc", &["storage", "upload", "id", "error", "metrics"]),
     ("live", &["doc", "error", "id"]),
     ("repo", &["doc", "upload", "id", "error"]),
-    ("state", &["doc", "limits", "live", "repo"]),
+    ("state", &["auth", "doc", "limits", "live", "repo"]),
     (
         "transport",
-        &["state", "doc", "limits", "upload", "error", "id", "metrics"],
+        &[
+            "auth", "state", "doc", "limits", "upload", "error", "id", "metrics",
+        ],
     ),
-    ("http", &["transport", "state", "doc", "error", "id"]),
+    (
+        "http",
+        &["transport", "auth", "state", "doc", "error", "id"],
+    ),
     (
         "ws_doc",
         &[
             "transport",
+            "auth",
             "state",
             "doc",
             "live",
@@ -39,12 +46,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "sse",
-        &["transport", "state", "doc", "live", "limits", "error", "id"],
+        &[
+            "transport",
+            "auth",
+            "state",
+            "doc",
+            "live",
+            "limits",
+            "error",
+            "id",
+        ],
     ),
     (
         "repo::socket",
         &[
             "transport",
+            "auth",
             "state",
             "doc",
             "repo",
@@ -54,7 +71,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "metrics",
         ],
     ),
-    ("ops", &["state", "doc", "alloc", "error", "id"]),
+    (
+        "ops",
+        &["transport", "state", "doc", "alloc", "error", "id"],
+    ),
     (
         "router",
         &[
@@ -64,15 +84,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "repo::socket",
             "repo",
             "ops",
-            "state",
             "transport",
+            "auth",
+            "state",
             "error",
         ],
     ),
     (
         "server",
         &[
-            "config", "doc", "state", "router", "limits", "live", "repo", "storage", "metrics",
+            "auth", "config", "doc", "state", "router", "limits", "live", "repo", "storage",
+            "metrics",
         ],
     ),
 ];
