@@ -72,6 +72,17 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MAX_DOC_SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_doc_size: usize,
 
+    /// Largest size one upload may decode to (Automerge compresses its columns, so a small
+    /// body can inflate a lot); past it the upload gets 413 before it is loaded. Default:
+    /// --max-doc-size.
+    #[arg(long, env = "RELAY_MAX_DECODED_UPLOAD", value_parser = parse_size)]
+    pub max_decoded_upload: Option<usize>,
+
+    /// Scratch memory all uploads being validated at once may use (about twice each one's
+    /// decoded size); past it validations queue.
+    #[arg(long, env = "RELAY_VALIDATION_MEMORY", default_value = "256MiB", value_parser = parse_size)]
+    pub validation_memory: usize,
+
     /// Live connections (WebSocket and SSE) the server accepts in all; more get 503.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,

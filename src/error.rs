@@ -25,6 +25,8 @@ pub enum RelayError {
     NoChanges,
     #[error("the body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("the upload decodes to more than the limit of {limit} bytes; nothing was stored")]
+    DecodedTooLarge { limit: u64 },
     #[error("the merged document would exceed the limit of {limit} bytes; nothing was stored")]
     DocTooLarge { limit: u64 },
     #[error("too many live connections ({0}); try again later")]
@@ -58,7 +60,7 @@ impl RelayError {
             RelayError::EmptyBody => "empty_body",
             RelayError::InvalidBody(_) => "invalid_automerge",
             RelayError::NoChanges => "no_changes",
-            RelayError::TooLarge { .. } => "too_large",
+            RelayError::TooLarge { .. } | RelayError::DecodedTooLarge { .. } => "too_large",
             RelayError::DocTooLarge { .. } => "document_too_large",
             RelayError::TooManyConnections(_) => "too_many_connections",
             RelayError::PreconditionFailed => "precondition_failed",
@@ -84,9 +86,9 @@ impl RelayError {
             RelayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             RelayError::Forbidden(_) => StatusCode::FORBIDDEN,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            RelayError::TooLarge { .. } | RelayError::DocTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            RelayError::TooLarge { .. }
+            | RelayError::DecodedTooLarge { .. }
+            | RelayError::DocTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             RelayError::Storage(_) | RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -96,7 +96,7 @@ pub async fn put_doc(
     let id = doc_id(path)?;
     caller.require(&id, Access::Write)?;
     let bytes = read_body(&headers, body, state.limits.max_body).await?;
-    let upload = validate(&state.docs, &id, bytes).await?;
+    let upload = validate(&state.uploads, &state.docs, &id, bytes).await?;
     let outcome = state
         .docs
         .write(&id, upload, precondition(&headers), None)

@@ -1,7 +1,9 @@
 //! The `automerge-relay` binary: parse flags, set up logging, run until a signal.
 
 use clap::Parser;
+use std::io::IsTerminal;
 use tokio_util::sync::CancellationToken;
+
 use tracing_subscriber::EnvFilter;
 
 use automerge_relay::Cli;
@@ -21,21 +23,33 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> std::process::ExitCode {
-    let from_env = std::env::var("RUST_LOG").unwrap_or_default();
-    let mut filter = EnvFilter::try_new(&from_env).unwrap_or_else(|_| EnvFilter::new("info"));
-    if from_env.is_empty() {
-        filter = EnvFilter::new("info");
-    }
-    if !from_env.contains("automerge=") {
-        // automerge logs every strict-validation rejection (e.g. "missing deps") at ERROR
-        // level; those are expected client input, reported by the relay itself.
-        if let Ok(d) = "automerge=off".parse() {
-            filter = filter.add_directive(d);
+/// The relay's own events at `info` by default (or what `RUST_LOG` says), automerge quiet.
+///
+/// automerge logs every strict-validation rejection (e.g. "missing deps") at ERROR level;
+/// those are expected client input, reported by the relay itself. Its events have targets
+/// `automerge::…`: a directive for plain `automerge` would also silence `automerge_relay`,
+/// whose targets share that prefix (it did: the relay logged nothing of its own).
+fn log_filter(from_env: &str) -> EnvFilter {
+    let mut filter = if from_env.trim().is_empty() {
+        EnvFilter::new("info")
+    } else {
+        EnvFilter::try_new(from_env).unwrap_or_else(|e| {
+            eprintln!("automerge-relay: RUST_LOG={from_env:?} is not a filter ({e}); using info");
+            EnvFilter::new("info")
+        })
+    };
+    if !from_env.contains("automerge::") && !from_env.contains("automerge=") {
+        if let Ok(quiet) = "automerge::=off".parse() {
+            filter = filter.add_directive(quiet);
         }
     }
+    filter
+}
+
+async fn run() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(&std::env::var("RUST_LOG").unwrap_or_default()))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let args = Cli::parse().into_serve_args();

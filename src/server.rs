@@ -17,6 +17,7 @@ use crate::repo::hub::Hub;
 use crate::router::router;
 use crate::state::{AppState, Limits};
 use crate::storage::{MemoryStore, SledStore, Store};
+use crate::upload::UploadGate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -81,6 +82,10 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         metrics: crate::metrics::install(),
         auth: auth.clone(),
         metrics_public: args.metrics_public,
+        uploads: Arc::new(UploadGate::new(
+            args.max_decoded_upload.unwrap_or(args.max_doc_size) as u64,
+            args.validation_memory as u64,
+        )),
         limits: Arc::new(Limits {
             max_body: args.max_body,
             subscriber_queue: args.subscriber_queue,

@@ -14,6 +14,7 @@ use crate::doc::Documents;
 use crate::limits::ConnectionLimits;
 use crate::live::Followers;
 use crate::repo::hub::Hub;
+use crate::upload::UploadGate;
 
 /// Shared state of every route.
 #[derive(Clone)]
@@ -34,6 +35,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// `/_/metrics` needs no token (`--metrics-public`).
     pub metrics_public: bool,
+    /// Bounds on uploads being validated (decoded size, scratch memory).
+    pub uploads: Arc<UploadGate>,
 }
 
 /// Limits and tuning the transports need.

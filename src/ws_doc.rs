@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::auth::{Access, Principal};
-use crate::doc::{ConnId, Documents, Precondition};
+use crate::doc::{ConnId, Precondition};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::limits::ConnectionGuard;
@@ -111,7 +111,7 @@ impl Session for DocSocket {
             }
             Frame::Binary(data) => {
                 let origin = self.follower.as_ref().map(Follower::conn);
-                let write = write_one(self.state.docs.clone(), self.id.clone(), origin, data);
+                let write = write_one(self.state.clone(), self.id.clone(), origin, data);
                 out.reply_later(write);
             }
             Frame::Text => {
@@ -123,10 +123,13 @@ impl Session for DocSocket {
 }
 
 /// Validates and merges one upload; its ack, or the error (the socket stays usable).
-async fn write_one(docs: Documents, id: DocId, origin: Option<ConnId>, data: Bytes) -> Message {
+async fn write_one(state: AppState, id: DocId, origin: Option<ConnId>, data: Bytes) -> Message {
     let written = async {
-        let upload = validate(&docs, &id, data).await?;
-        docs.write(&id, upload, Precondition::None, origin).await
+        let upload = validate(&state.uploads, &state.docs, &id, data).await?;
+        state
+            .docs
+            .write(&id, upload, Precondition::None, origin)
+            .await
     };
     match written.await {
         Ok(outcome) => text(ack_json(&outcome)),

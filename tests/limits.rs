@@ -244,3 +244,52 @@ async fn prometheus_metrics_cover_batches_storage_and_rejections() {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_inflation_bomb_is_refused_before_it_is_loaded_or_stored() {
+    use automerge::transaction::Transactable;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-decoded-upload", "8MiB"]);
+    // A small save of 32 MiB of zeros.
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "zeros", "\0".repeat(32 << 20))
+        .unwrap();
+    let bomb = doc.save();
+    assert!(bomb.len() < 1 << 20, "{} bytes on the wire", bomb.len());
+    let before = rss_kib(relay.child.id());
+    let c = reqwest::Client::new();
+    let sends = (0..8).map(|i| {
+        let (c, url, body) = (c.clone(), relay.url(&format!("/bomb-{i}")), bomb.clone());
+        async move { c.post(url).body(body).send().await.unwrap() }
+    });
+    for r in futures_util::future::join_all(sends).await {
+        assert_eq!(r.status(), 413);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "too_large", "{body}");
+    }
+    let after = rss_kib(relay.child.id());
+    // Eight loads would have taken several hundred MiB; counting inflated bytes takes none.
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    for i in 0..8 {
+        let r = c
+            .get(relay.url(&format!("/bomb-{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "nothing stored");
+    }
+}

@@ -31,6 +31,7 @@ use crate::transport::close::{CLOSE_FELL_BEHIND, CLOSE_NORMAL};
 use crate::transport::socket_loop::{Frame, Outbox, Session};
 use crate::transport::upgrade::accept;
 use crate::transport::validate::validate;
+use crate::upload::UploadGate;
 
 /// Messages that may wait for one repo peer.
 const OUTBOUND_QUEUE: usize = 4096;
@@ -73,6 +74,7 @@ struct RepoSocket {
     forwarded: Forwarded,
     /// The peer's grants.
     principal: Principal,
+    uploads: Arc<UploadGate>,
 }
 
 /// What the server side has for a repo peer.
@@ -100,6 +102,7 @@ impl RepoSocket {
             synced: HashSet::new(),
             forwarded: Forwarded::default(),
             principal,
+            uploads: state.uploads.clone(),
         }
     }
 
@@ -139,7 +142,7 @@ impl RepoSocket {
                     let upload = if changes.is_empty() {
                         None
                     } else {
-                        match validate(&self.docs, &doc, changes.into()).await {
+                        match validate(&self.uploads, &self.docs, &doc, changes.into()).await {
                             Ok(upload) => Some(upload),
                             Err(e) => {
                                 let reply = RepoMessage::Error {
