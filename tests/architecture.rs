@@ -19,7 +19,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("doc", &["storage", "upload", "id", "error", "metrics"]),
     ("live", &["doc", "error", "id"]),
     ("repo", &["doc", "upload", "id", "error"]),
-    ("state", &["auth", "doc", "limits", "live", "repo"]),
+    (
+        "state",
+        &["upload", "auth", "doc", "limits", "live", "repo"],
+    ),
     (
         "transport",
         &[
@@ -60,6 +63,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "repo::socket",
         &[
+            "upload",
             "transport",
             "auth",
             "state",
@@ -93,8 +97,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "server",
         &[
-            "auth", "config", "doc", "state", "router", "limits", "live", "repo", "storage",
-            "metrics",
+            "upload", "auth", "config", "doc", "state", "router", "limits", "live", "repo",
+            "storage", "metrics",
         ],
     ),
 ];
