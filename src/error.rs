@@ -102,6 +102,40 @@ impl RelayError {
     }
 }
 
+/// Refusals logged per second at most; the rest are counted and reported with the next line.
+const REFUSAL_LINES_PER_SEC: u32 = 20;
+
+/// Whether a refusal may be logged now (a flood of bad requests must not flood the log); the
+/// number of refusals left unlogged since the last line.
+fn refusal_log_slot() -> Option<u64> {
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+    struct Window {
+        start: Instant,
+        lines: u32,
+        suppressed: u64,
+    }
+    static WINDOW: OnceLock<Mutex<Window>> = OnceLock::new();
+    let window = WINDOW.get_or_init(|| {
+        Mutex::new(Window {
+            start: Instant::now(),
+            lines: 0,
+            suppressed: 0,
+        })
+    });
+    let mut w = window.lock().ok()?;
+    if w.start.elapsed() >= Duration::from_secs(1) {
+        w.start = Instant::now();
+        w.lines = 0;
+    }
+    if w.lines >= REFUSAL_LINES_PER_SEC {
+        w.suppressed += 1;
+        return None;
+    }
+    w.lines += 1;
+    Some(std::mem::take(&mut w.suppressed))
+}
+
 impl IntoResponse for RelayError {
     fn into_response(self) -> Response {
         crate::metrics::rejected(self.code());
@@ -112,8 +146,8 @@ impl IntoResponse for RelayError {
             tracing::warn!(error = %self, "limit reached");
         } else if self.status().is_server_error() {
             tracing::error!(error = %self, "request failed");
-        } else {
-            tracing::debug!(error = %self, "request rejected");
+        } else if let Some(suppressed) = refusal_log_slot() {
+            tracing::info!(code = self.code(), error = %self, suppressed, "request refused");
         }
         let mut resp = (self.status(), Json(self.body())).into_response();
         if matches!(self, RelayError::Unauthorized(_)) {

@@ -62,25 +62,32 @@ pub async fn get_doc(
     Ok(resp)
 }
 
-fn precondition(headers: &HeaderMap) -> Precondition {
-    let list = |name| -> Vec<String> {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .collect()
+/// The write's precondition. A value that is not text cannot be an ETag: 400, rather than
+/// ignoring the condition and writing unconditionally.
+fn precondition(headers: &HeaderMap) -> Result<Precondition, RelayError> {
+    let list = |name: header::HeaderName| -> Result<Vec<String>, RelayError> {
+        let mut tags = Vec::new();
+        for value in headers.get_all(&name) {
+            let text = value.to_str().map_err(|_| {
+                RelayError::BadRequest(format!("{name} must hold ETags (ASCII text)"))
+            })?;
+            tags.extend(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        Ok(tags)
     };
-    let if_match = list(header::IF_MATCH);
+    let if_match = list(header::IF_MATCH)?;
     if !if_match.is_empty() {
-        return Precondition::IfMatch(if_match);
+        return Ok(Precondition::IfMatch(if_match));
     }
-    if list(header::IF_NONE_MATCH).iter().any(|t| t == "*") {
-        return Precondition::IfNoneMatchAny;
+    if list(header::IF_NONE_MATCH)?.iter().any(|t| t == "*") {
+        return Ok(Precondition::IfNoneMatchAny);
     }
-    Precondition::None
+    Ok(Precondition::None)
 }
 
 /// `PUT /{id}` and `POST /{id}`: merge the body (never overwrites).
@@ -95,12 +102,10 @@ pub async fn put_doc(
     // (bounded), so any other error answer leaves the connection reusable.
     let id = doc_id(path)?;
     caller.require(&id, Access::Write)?;
+    let precondition = precondition(&headers)?;
     let bytes = read_body(&headers, body, state.limits.max_body).await?;
     let upload = validate(&state.uploads, &state.docs, &id, bytes).await?;
-    let outcome = state
-        .docs
-        .write(&id, upload, precondition(&headers), None)
-        .await?;
+    let outcome = state.docs.write(&id, upload, precondition, None).await?;
     let mut resp = (write_status(&outcome), Json(outcome_json(&outcome))).into_response();
     if let Ok(v) = HeaderValue::from_str(&outcome.etag) {
         resp.headers_mut().insert(header::ETAG, v);

@@ -7,6 +7,7 @@
 //! else a short description of the API. Live connections take a connection slot first.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -42,17 +43,16 @@ Ids: 1-128 characters of A-Z a-z 0-9 . _ ~ -, not starting with _ or .
 
 /// Builds the router with CORS and request tracing.
 pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String> {
-    let origin = if cors_origins.is_empty() {
+    let allowed = cors_origins
+        .iter()
+        .map(|o| HeaderValue::from_str(o.trim()).map_err(|_| format!("bad --cors-origin {o:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let origin = if allowed.is_empty() {
         AllowOrigin::any()
     } else {
-        let list = cors_origins
-            .iter()
-            .map(|o| {
-                HeaderValue::from_str(o.trim()).map_err(|_| format!("bad --cors-origin {o:?}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        AllowOrigin::list(list)
+        AllowOrigin::list(allowed.clone())
     };
+    let allowed = Arc::new(allowed);
     let cors = CorsLayer::new()
         .allow_origin(origin)
         .allow_methods([
@@ -91,6 +91,9 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            only_allowed_origins(allowed.clone(), req, next)
+        }))
         .layer(cors)
         // Failures are logged by RelayError itself, at the level they deserve. Spans name the
         // path only: a query may carry a token.
@@ -140,6 +143,23 @@ async fn get_doc(
         return sse::stream(state, id, slot, caller.expires_at()).await;
     }
     http::get_doc(&state, id, &query, &headers).await
+}
+
+/// With `--cors-origin`, a request from another origin is refused (403) whatever its method —
+/// a browser sends a simple POST or a WebSocket upgrade without asking first. Requests with no
+/// `Origin` (not from a browser page) pass; preflights are answered by the CORS layer.
+async fn only_allowed_origins(
+    allowed: Arc<Vec<HeaderValue>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        if !allowed.is_empty() && !allowed.contains(origin) {
+            return RelayError::Forbidden("requests from this origin are not allowed")
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn no_route() -> RelayError {

@@ -293,3 +293,30 @@ async fn an_inflation_bomb_is_refused_before_it_is_loaded_or_stored() {
         assert_eq!(r.status(), 404, "nothing stored");
     }
 }
+
+#[test]
+fn a_client_still_sending_an_oversize_body_reads_the_413() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-body", "1MiB"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let len = 8usize << 20;
+    write!(
+        s,
+        "POST /big HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    // Like Node's fetch: the whole body goes out before the response is read. Every write
+    // must succeed (the server reads it all, then answers).
+    let chunk = vec![0u8; 64 << 10];
+    for _ in 0..len / chunk.len() {
+        s.write_all(&chunk)
+            .expect("the server keeps reading the body");
+    }
+    let mut response = Vec::new();
+    let _ = s.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("too_large"), "{text}");
+}
