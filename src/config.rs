@@ -83,9 +83,16 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_VALIDATION_MEMORY", default_value = "256MiB", value_parser = parse_size)]
     pub validation_memory: usize,
 
-    /// Live connections (WebSocket and SSE) the server accepts in all; more get 503.
+    /// Connections the server keeps open in all: HTTP, WebSocket and SSE. Past it a few more
+    /// get answers to /_/health and 503 otherwise; the rest are closed. Lowered at start to
+    /// fit the file-descriptor limit (raised to the hard limit first).
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Seconds a client has to send a request's headers; an idle keep-alive connection is
+    /// closed after this long too.
+    #[arg(long, env = "RELAY_HEADER_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_timeout_secs: u64,
 
     /// Live per-document WebSocket and SSE connections to one document; more get 503.
     #[arg(long, env = "RELAY_MAX_DOC_CONNECTIONS", default_value_t = 2_000)]

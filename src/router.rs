@@ -118,7 +118,7 @@ async fn root(
     };
     // The token is checked before the upgrade; each document's grant per message.
     let Caller(principal) = caller?;
-    let slot = state.limits.connections.acquire(None)?;
+    let slot = state.limits.connections.acquire(None)?.socket();
     Ok(repo::socket::upgrade(ws, state, slot, principal))
 }
 
@@ -135,7 +135,7 @@ async fn get_doc(
     // Reading covers subscribing; a read-only WebSocket client's uploads are refused there.
     caller.require(&id, Access::Read)?;
     if let Ok(ws) = ws {
-        let slot = state.limits.connections.acquire(Some(&id))?;
+        let slot = state.limits.connections.acquire(Some(&id))?.socket();
         return Ok(ws_doc::upgrade(ws, state, id, slot, caller.0));
     }
     if sse::wants_sse(&headers) {

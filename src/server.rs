@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::{self, AcceptSettings};
 use crate::auth::Auth;
 use crate::config::{ServeArgs, StoreKind};
 use crate::doc::{DocConfig, Documents};
@@ -63,6 +64,8 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
              --allow-anonymous to serve it open anyway"
         )));
     }
+    let max_connections = accept::fit_to_fd_limit(args.max_connections, accept::raise_fd_limit());
+    let live = ConnectionLimits::new(max_connections, args.max_doc_connections);
     let store = open_store(&args)?;
     let docs = Documents::with_config(
         store,
@@ -91,7 +94,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
             subscriber_queue: args.subscriber_queue,
             ping_interval: args.ping_interval(),
             max_messages_per_sec: args.max_messages_per_sec,
-            connections: ConnectionLimits::new(args.max_connections, args.max_doc_connections),
+            connections: live.clone(),
         }),
     };
     let app = router(state, &args.cors_origin).map_err(ServeError::Config)?;
@@ -104,23 +107,21 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
     tokio::spawn(reload_on_hangup(auth, shutdown.clone()));
 
     let grace = Duration::from_secs(args.shutdown_grace_secs);
-    let stop = shutdown.clone();
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-        stop.cancelled().await;
-        tracing::info!("shutting down: no new connections, finishing in-flight requests");
-    });
+    let accepting = AcceptSettings {
+        max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
+    };
+    let serve = accept::serve(listener, app, accepting, live, shutdown.clone());
     let serve = tokio::spawn(async move {
-        let result = serve.await;
+        serve.await;
         // Live sockets are not HTTP requests: wait for them to finish their in-flight uploads.
         tasks.close();
         tasks.wait().await;
-        result
     });
     shutdown.cancelled().await;
     let deadline = tokio::time::Instant::now() + grace;
     match tokio::time::timeout(grace, serve).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+        Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
         Err(_) => tracing::warn!(
             ?grace,

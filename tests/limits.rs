@@ -171,7 +171,12 @@ async fn a_socket_over_its_message_rate_is_closed_with_1008() {
 #[tokio::test]
 async fn a_write_past_the_document_size_limit_gets_413_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start_with(dir.path(), &["--max-doc-size", "8KiB"]);
+    // Uploads may decode to more than the document may grow to (the default limit is the
+    // document size): this checks the stored size.
+    let relay = Relay::start_with(
+        dir.path(),
+        &["--max-doc-size", "8KiB", "--max-decoded-upload", "1MiB"],
+    );
     let c = reqwest::Client::new();
     let url = relay.url("/bounded");
     let mut doc = base_doc();
@@ -319,4 +324,82 @@ fn a_client_still_sending_an_oversize_body_reads_the_413() {
     let text = String::from_utf8_lossy(&response);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("too_large"), "{text}");
+}
+
+#[test]
+fn stalled_connections_time_out_and_health_answers_throughout() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(
+        dir.path(),
+        &["--max-connections", "40", "--header-timeout-secs", "2"],
+    );
+    let health = || {
+        let (status, body) = raw_request(relay.port, "GET /_/health HTTP/1.1");
+        assert_eq!(status, 200, "{body}");
+    };
+    // Slowloris: 100 connections, each with half a request's headers, then nothing.
+    let mut stalled: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+            let _ = s.write_all(b"GET /_/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ");
+            s
+        })
+        .collect();
+    // An idle keep-alive connection after one full request.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    idle.write_all(b"GET /_/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    health();
+    // Past the limit, a new connection takes the place of a stalled one.
+    let (status, _) = raw_request(relay.port, "GET /anything HTTP/1.1");
+    assert_eq!(status, 404);
+    // Every stalled and idle connection is closed by the server after the header timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    stalled.push(idle);
+    for s in &mut stalled {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = Vec::new();
+        // Ends with EOF (or a reset) once the server closes; a timeout means it never did.
+        match s.read_to_end(&mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("a stalled connection was not closed: {e}"),
+        }
+    }
+    // With the stalled ones gone, ordinary requests are served again.
+    let (status, _) = raw_request(relay.port, "GET /anything HTTP/1.1");
+    assert_eq!(status, 404);
+    health();
+}
+
+#[test]
+fn when_every_connection_is_busy_health_still_answers_from_the_reserve() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-connections", "20"]);
+    // Twenty event streams: each is a request in progress, none can be shed.
+    let streams: Vec<_> = (0..20)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+            write!(
+                s,
+                "GET /busy-{i} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+            )
+            .unwrap();
+            let mut r = BufReader::new(s);
+            let mut status = String::new();
+            r.read_line(&mut status).unwrap();
+            assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+            r
+        })
+        .collect();
+    let (status, body) = raw_request(relay.port, "GET /_/health HTTP/1.1");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = raw_request(relay.port, "GET /anything HTTP/1.1");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_connections"), "{body}");
+    drop(streams);
 }
