@@ -11,6 +11,7 @@
 //! name (static tokens) or its `sub` (JWTs).
 
 mod grants;
+mod tokens;
 mod verifier;
 
 use std::path::PathBuf;

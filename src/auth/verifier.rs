@@ -1,53 +1,27 @@
-//! Checking one presented secret against the configured credentials.
+//! One load of every configured credential source, and which of them checks a presented token.
 //!
-//! (Interim: static tokens only, plain secrets; hashed secrets, JWTs and constant-time
-//! comparison come next.)
+//! (For now only the static tokens; JWTs come next.)
 
 use std::time::SystemTime;
 
-use serde::Deserialize;
-
-use super::{AuthSettings, Grant, Principal, Refusal};
-
-#[derive(Deserialize)]
-struct TokenFile {
-    #[serde(default)]
-    token: Vec<TokenEntry>,
-}
-
-#[derive(Deserialize)]
-struct TokenEntry {
-    name: String,
-    token: String,
-    grants: Vec<Grant>,
-}
+use super::tokens::StaticTokens;
+use super::{AuthSettings, Principal, Refusal};
 
 pub(super) struct Verifier {
-    tokens: Vec<TokenEntry>,
+    tokens: StaticTokens,
 }
 
 impl Verifier {
+    /// Reads every configured file; the first problem is the error.
     pub(super) fn load(settings: &AuthSettings) -> Result<Self, String> {
-        let mut tokens = Vec::new();
-        if let Some(path) = &settings.tokens_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let file: TokenFile =
-                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            tokens = file.token;
-        }
+        let tokens = match &settings.tokens_file {
+            Some(path) => StaticTokens::load(path)?,
+            None => StaticTokens::none(),
+        };
         Ok(Self { tokens })
     }
 
     pub(super) fn verify(&self, token: &str, _now: SystemTime) -> Result<Principal, Refusal> {
-        self.tokens
-            .iter()
-            .find(|t| t.token == token)
-            .map(|t| Principal {
-                name: t.name.clone(),
-                grants: t.grants.clone(),
-                expires_at: None,
-            })
-            .ok_or(Refusal::Invalid)
+        self.tokens.verify(token)
     }
 }
