@@ -1,8 +1,9 @@
 //! Access control: who presents which credential, and what its grants allow.
 //!
 //! Credentials are static tokens from `--auth-tokens` (stored as SHA-256 hashes or plain,
-//! compared in constant time) or signed JWTs (`--auth-jwt-secret-file` for HS256,
-//! `--auth-jwt-public-key` for EdDSA/ES256). Either carries grants (`grants.rs`). With no
+//! compared in constant time: `tokens.rs`) or signed JWTs (`--auth-jwt-secret-file` for HS256,
+//! `--auth-jwt-public-key` for EdDSA/ES256: `jwt.rs`); `verifier.rs` loads them together and
+//! picks which one checks a token. Either kind carries grants (`grants.rs`). With no
 //! credentials configured every caller is anonymous with admin on every id (the server refuses
 //! that on a non-loopback address unless `--allow-anonymous`). `SIGHUP` reloads; a bad file keeps
 //! the previous configuration.
@@ -11,6 +12,7 @@
 //! name (static tokens) or its `sub` (JWTs).
 
 mod grants;
+mod jwt;
 mod tokens;
 mod verifier;
 
