@@ -1,4 +1,7 @@
-//! The `automerge-relay` binary: parse flags, set up logging, run until a signal.
+//! The `automerge-relay` binary: parse flags, set up logging, run until a signal; or, for
+//! `automerge-relay token`, print a new token and exit (no runtime, no logging, no server).
+
+use std::future::Future;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -7,13 +10,33 @@ use tracing_subscriber::EnvFilter;
 use automerge_relay::Cli;
 
 fn main() -> std::process::ExitCode {
+    let args = match Cli::parse().into_command().into_serve_args() {
+        Ok(args) => args,
+        Err(token) => {
+            return match token.text {
+                Ok(text) => {
+                    print!("{text}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("automerge-relay token: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    };
     // Before the runtime starts its threads.
     automerge_relay::tune_allocator();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(run()),
+        Ok(runtime) => {
+            // Nothing runs until `run` polls it, after logging is set up.
+            let token = CancellationToken::new();
+            let serving = automerge_relay::run(args, token.clone());
+            runtime.block_on(run(serving, token))
+        }
         Err(e) => {
             eprintln!("automerge-relay: cannot start the async runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -21,7 +44,10 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> std::process::ExitCode {
+async fn run(
+    serving: impl Future<Output = Result<(), automerge_relay::ServeError>>,
+    token: CancellationToken,
+) -> std::process::ExitCode {
     let from_env = std::env::var("RUST_LOG").unwrap_or_default();
     let mut filter = EnvFilter::try_new(&from_env).unwrap_or_else(|_| EnvFilter::new("info"));
     if from_env.is_empty() {
@@ -38,15 +64,13 @@ async fn run() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let args = Cli::parse().into_serve_args();
     automerge_relay::spawn_trimmer();
-    let token = CancellationToken::new();
     let signal_token = token.clone();
     tokio::spawn(async move {
         automerge_relay::shutdown_signal().await;
         signal_token.cancel();
     });
-    match automerge_relay::run(args, token).await {
+    match serving.await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "automerge-relay failed");
