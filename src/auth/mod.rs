@@ -167,3 +167,6 @@ impl Auth {
         verifier.verify(token, SystemTime::now())
     }
 }
+
+#[cfg(test)]
+mod tests;
