@@ -100,7 +100,7 @@ impl JwtKeys {
             .map_err(|_| Refusal::Invalid)?
             .claims;
         let expires_at = at(claims.exp)?;
-        if expires_at.checked_add(LEEWAY).is_none_or(|end| now >= end) {
+        if now >= expires_at.checked_add(LEEWAY).ok_or(Refusal::Invalid)? {
             return Err(Refusal::Expired);
         }
         if let Some(nbf) = claims.nbf {
@@ -116,7 +116,7 @@ impl JwtKeys {
             name: claims
                 .sub
                 .filter(|s| !s.is_empty())
-                .map_or_else(|| "jwt".to_owned(), |s| s.escape_default().to_string()),
+                .map_or_else(|| "jwt".to_owned(), |s| one_line(&s)),
             grants: claims.grants.unwrap_or_default(),
             expires_at: Some(expires_at),
         })
@@ -145,6 +145,20 @@ impl Key {
             validation,
         }
     }
+}
+
+/// The name goes into log lines: control characters (a newline that would fake a log line)
+/// are written as escapes, everything else as it is.
+fn one_line(sub: &str) -> String {
+    let mut name = String::with_capacity(sub.len());
+    for c in sub.chars() {
+        if c.is_control() {
+            name.extend(c.escape_default());
+        } else {
+            name.push(c);
+        }
+    }
+    name
 }
 
 /// A NumericDate (seconds since the epoch) as a time; one past what `SystemTime` holds is
@@ -336,6 +350,11 @@ mod tests {
         assert!(p.grants.is_empty());
         let empty_sub = hs256(&json!({ "exp": NOW + 60, "sub": "", "grants": null }));
         assert_eq!(s.keys.verify(&empty_sub, now()).unwrap().name, "jwt");
+        let odd_sub = hs256(&json!({ "exp": NOW + 60, "sub": "o'brien ü\nfake log line" }));
+        assert_eq!(
+            s.keys.verify(&odd_sub, now()).unwrap().name,
+            "o'brien ü\\nfake log line"
+        );
     }
 
     #[test]
