@@ -1,21 +1,43 @@
-//! The `automerge-relay` binary: parse flags, set up logging, run until a signal.
+//! The `automerge-relay` binary: parse flags, set up logging, run until a signal; or, for
+//! `automerge-relay token`, print a new token and exit (no runtime, no logging, no server).
+
+use std::future::Future;
+use std::io::IsTerminal;
 
 use clap::Parser;
-use std::io::IsTerminal;
 use tokio_util::sync::CancellationToken;
-
 use tracing_subscriber::EnvFilter;
 
 use automerge_relay::Cli;
 
 fn main() -> std::process::ExitCode {
+    let args = match Cli::parse().into_command().into_serve_args() {
+        Ok(args) => args,
+        Err(token) => {
+            return match token.text {
+                Ok(text) => {
+                    print!("{text}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("automerge-relay token: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    };
     // Before the runtime starts its threads.
     automerge_relay::tune_allocator();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(run()),
+        Ok(runtime) => {
+            // Nothing runs until `run` polls it, after logging is set up.
+            let token = CancellationToken::new();
+            let serving = automerge_relay::run(args, token.clone());
+            runtime.block_on(run(serving, token))
+        }
         Err(e) => {
             eprintln!("automerge-relay: cannot start the async runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -46,21 +68,22 @@ fn log_filter(from_env: &str) -> EnvFilter {
     filter
 }
 
-async fn run() -> std::process::ExitCode {
+async fn run(
+    serving: impl Future<Output = Result<(), automerge_relay::ServeError>>,
+    token: CancellationToken,
+) -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(log_filter(&std::env::var("RUST_LOG").unwrap_or_default()))
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let args = Cli::parse().into_serve_args();
     automerge_relay::spawn_trimmer();
-    let token = CancellationToken::new();
     let signal_token = token.clone();
     tokio::spawn(async move {
         automerge_relay::shutdown_signal().await;
         signal_token.cancel();
     });
-    match automerge_relay::run(args, token).await {
+    match serving.await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "automerge-relay failed");
