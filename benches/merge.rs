@@ -183,7 +183,7 @@ fn main() {
     println!("building {HISTORY}-change documents…");
     let docs = [("map", map_doc()), ("list", list_doc())];
     let relay = Relay::start(&[]);
-    let c = reqwest::Client::new();
+    let c = support::http_client();
     println!("\n(a) in-process floor vs (b) relay HTTP POST, p50 of {SAMPLES} samples");
     println!(
         "{:<6} {:>12} {:>16} {:>8} {:>16}",

@@ -29,9 +29,19 @@ impl Relay {
             }
             None => Command::new(&bin),
         };
+        // BENCH_RELAY_TOKEN runs the relay with access control: a token file granting that
+        // secret admin on every id (clients from `http_client` present it).
+        if let Some(secret) = auth_token() {
+            let file = dir.path().join("tokens.toml");
+            let entry = format!(
+                "[[token]]\nname = \"bench\"\ntoken = \"{secret}\"\ngrants = [ {{ ids = \"*\", access = \"admin\" }} ]\n"
+            );
+            std::fs::write(&file, entry).expect("write the token file");
+            command.arg("--auth-tokens").arg(file);
+        }
         let mut child = command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -110,6 +120,25 @@ pub fn arg(name: &str, default: &str) -> String {
 /// buffer are still read whole.
 pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
+}
+
+/// The secret benchmarks present when `BENCH_RELAY_TOKEN` is set.
+pub fn auth_token() -> Option<String> {
+    std::env::var("BENCH_RELAY_TOKEN").ok().filter(|t| !t.is_empty())
+}
+
+/// An HTTP client that presents `BENCH_RELAY_TOKEN`, if set, on every request.
+pub fn http_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = auth_token() {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .expect("a token usable in a header");
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("http client")
 }
 
 /// The relay's `/_/stats` JSON (`Null` if it cannot be read).
