@@ -38,7 +38,7 @@ pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
     Ok(match args.store {
         StoreKind::Sled => Arc::new(
             SledStore::open_with_cache(&args.data_dir, args.store_cache as u64)
-                .map_err(|e| ServeError::Store(e.0))?,
+                .map_err(|e| ServeError::Store(e.message))?,
         ),
         StoreKind::Memory => Arc::new(MemoryStore::new()),
     })
