@@ -13,7 +13,13 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(run()),
+        Ok(runtime) => {
+            let code = runtime.block_on(run());
+            // Blocking threads may still be stuck in the store (a wedged flush the shutdown
+            // gave up on); nothing acknowledged waits on them, so do not wait for them either.
+            runtime.shutdown_background();
+            code
+        }
         Err(e) => {
             eprintln!("automerge-relay: cannot start the async runtime: {e}");
             std::process::ExitCode::FAILURE
