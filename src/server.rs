@@ -95,7 +95,10 @@ pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
         guarded.mark_unhealthy(&reason);
     }
     // The first reading of the disk logs when it is already under the watermark.
-    let _ = guarded.health();
+    let watermark = guarded.health().disk.is_some();
+    if matches!(args.store, StoreKind::Sled) && min_free(args).is_some() && !watermark {
+        tracing::warn!(data_dir = %args.data_dir.display(), "cannot read the free disk space of the data dir; --min-free-disk is not enforced until it can");
+    }
     Ok(Arc::new(guarded))
 }
 

@@ -245,7 +245,9 @@ impl Owner {
             .store
             .load(&self.id)
             .await
-            .map_err(|e| store_error(&e))?;
+            // A read the store cannot answer is unavailable, whatever the cause (507 is for
+            // writes).
+            .map_err(|e| RelayError::StorageUnavailable(e.message))?;
         let all: Vec<u8> = chunks
             .iter()
             .flat_map(|c| c.bytes.iter().copied())
@@ -305,8 +307,15 @@ impl Owner {
     /// Sorts a batch of commands into turns: everything up to a delete is one turn.
     async fn handle(&mut self, cmds: Vec<Command>) {
         if let Some(err) = &self.load_error {
+            // Writes are told why the store refuses them, if it does (a full disk is what
+            // the client and the operator can act on); everything else why it cannot load.
+            let refusal = self.shared.store.admit(0).err().map(|e| store_error(&e));
             for cmd in cmds {
-                cmd.fail(err.clone());
+                let is_write = matches!(&cmd, Command::Write(_) | Command::RepoSync(_));
+                match (&refusal, is_write) {
+                    (Some(refused), true) => cmd.fail(refused.clone()),
+                    _ => cmd.fail(err.clone()),
+                }
             }
             return;
         }

@@ -29,8 +29,8 @@ pub enum Fault {
     Hang,
     /// Fail with ENOSPC.
     Full,
-    /// The disk reads as full (see `DiskSpace::with_faults`); writes that get through anyway
-    /// fail with ENOSPC.
+    /// The watermark reads no free space (see `DiskSpace::with_faults`): a disk under
+    /// `--min-free-disk` but not yet out of space, so writes that get through still work.
     DiskFull,
 }
 
@@ -115,14 +115,14 @@ impl FaultSwitch {
     async fn before_write(&self, op: &str) -> Result<(), StoreError> {
         loop {
             match self.current() {
-                Fault::None => return Ok(()),
+                Fault::None | Fault::DiskFull => return Ok(()),
                 Fault::Hang => tokio::time::sleep(HANG_POLL).await,
                 Fault::Fail => {
                     return Err(StoreError::failed(format!(
                         "{op}: injected fault: input/output error"
                     )))
                 }
-                Fault::Full | Fault::DiskFull => {
+                Fault::Full => {
                     return Err(StoreError::no_space(format!(
                         "{op}: injected fault: No space left on device (os error 28)"
                     )))

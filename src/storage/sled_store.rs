@@ -383,6 +383,10 @@ impl Store for SledStore {
 
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.blocking(|inner| {
+            // A store that never opened has nothing to flush.
+            if inner.db.get().is_none() && inner.poisoned.get().is_none() {
+                return Ok(());
+            }
             let db = inner.writable()?;
             db.flush().map(|_| ()).map_err(|e| inner.write_failed(e))
         }))
