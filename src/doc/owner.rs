@@ -470,9 +470,12 @@ impl Owner {
                 .max_doc_size
                 .saturating_sub(self.chunks.stored_bytes()),
             max_doc_size: config.max_doc_size,
+            // A snapshot is at most the stored size; near the disk watermark it would be
+            // refused after a full save, turn after turn, so it is not taken then.
             want_snapshot: !work.jobs.is_empty()
                 && !self.snapshot_pending
-                && self.chunks.wants_compaction(),
+                && self.chunks.wants_compaction()
+                && self.shared.store.admit(self.chunks.stored_bytes()).is_ok(),
             repo_interval: config.repo_sync_interval,
         };
         let mut state = mem::take(&mut self.state);
