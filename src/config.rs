@@ -167,6 +167,22 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
+    /// Free space to keep on the data dir's file system: while less is free, writes are
+    /// refused (507) and nothing is stored. A size (1GiB), a share of the file system (5%), or
+    /// 0 for no check. Default: 256 MiB or 5% of the file system, whichever is smaller.
+    #[arg(long, env = "RELAY_MIN_FREE_DISK", value_parser = parse_min_free)]
+    pub min_free_disk: Option<MinFreeDisk>,
+
+    /// Longest any store operation may take; one that fails or takes longer marks the store
+    /// unhealthy: writes get 503 at once until a probe write succeeds.
+    #[arg(long, env = "RELAY_STORE_TIMEOUT_SECS", default_value_t = 10)]
+    pub store_timeout_secs: u64,
+
+    /// Test only: inject store faults, read from this file on every store write (`ok`,
+    /// `fail`, `hang`, `full`, `disk-full`).
+    #[arg(long, env = "RELAY_TEST_FAULTS", hide = true)]
+    pub test_faults: Option<PathBuf>,
+
     /// Static tokens with their grants (TOML, `[[token]]` entries; `automerge-relay token`
     /// makes one). Reloaded on SIGHUP.
     #[arg(long, env = "RELAY_AUTH_TOKENS")]
@@ -195,9 +211,40 @@ pub struct ServeArgs {
     pub metrics_public: bool,
 }
 
+/// `--min-free-disk`: bytes, or a share of the file system.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MinFreeDisk {
+    Bytes(u64),
+    Percent(f64),
+}
+
+/// Parses `--min-free-disk`: a size (`parse_size`), `N%` (0–100), or `0` (no check).
+pub fn parse_min_free(raw: &str) -> Result<MinFreeDisk, String> {
+    let s = raw.trim();
+    if let Some(pct) = s.strip_suffix('%') {
+        let p: f64 = pct
+            .trim()
+            .parse()
+            .map_err(|_| format!("{raw:?} is not a share like 5%"))?;
+        if !(0.0..=100.0).contains(&p) {
+            return Err(format!("{raw:?} is not between 0% and 100%"));
+        }
+        return Ok(MinFreeDisk::Percent(p));
+    }
+    if s == "0" {
+        return Ok(MinFreeDisk::Bytes(0));
+    }
+    parse_size(s).map(|b| MinFreeDisk::Bytes(b as u64))
+}
+
 impl ServeArgs {
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_secs.max(1))
+    }
+
+    /// The bound of every store operation (`--store-timeout-secs`, at least 1 s).
+    pub fn store_timeout(&self) -> Duration {
+        Duration::from_secs(self.store_timeout_secs.max(1))
     }
 
     /// Where credentials come from.
@@ -249,6 +296,21 @@ mod tests {
             Run::Serve(args) => *args,
             Run::Token { .. } => panic!("expected serve"),
         }
+    }
+
+    #[test]
+    fn min_free_disk() {
+        assert_eq!(parse_min_free("1GiB"), Ok(MinFreeDisk::Bytes(1 << 30)));
+        assert_eq!(parse_min_free("5%"), Ok(MinFreeDisk::Percent(5.0)));
+        assert_eq!(parse_min_free("0"), Ok(MinFreeDisk::Bytes(0)));
+        assert!(parse_min_free("101%").is_err());
+        assert!(parse_min_free("lots").is_err());
+        let args = serve_args(Cli::parse_from(["automerge-relay"]));
+        assert_eq!(
+            args.min_free_disk, None,
+            "the default depends on the file system"
+        );
+        assert_eq!(args.store_timeout(), Duration::from_secs(10));
     }
 
     #[test]

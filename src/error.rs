@@ -39,6 +39,12 @@ pub enum RelayError {
     BadRequest(String),
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The disk is (nearly) full: the write was refused before anything was stored.
+    #[error("not enough free disk space: {0}")]
+    InsufficientStorage(String),
+    /// The store failed or is not answering; writes are refused until it recovers.
+    #[error("storage unavailable: {0}")]
+    StorageUnavailable(String),
     #[error("{0}")]
     Unauthorized(&'static str),
     #[error("{0}")]
@@ -67,6 +73,8 @@ impl RelayError {
             RelayError::BadSince(_) => "bad_since",
             RelayError::BadRequest(_) => "bad_request",
             RelayError::Storage(_) => "storage_error",
+            RelayError::InsufficientStorage(_) => "insufficient_storage",
+            RelayError::StorageUnavailable(_) => "storage_unavailable",
             RelayError::Unauthorized(_) => "unauthorized",
             RelayError::Forbidden(_) => "forbidden",
             RelayError::ShuttingDown => "shutting_down",
@@ -92,7 +100,10 @@ impl RelayError {
             RelayError::TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             RelayError::Storage(_) | RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            RelayError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            RelayError::ShuttingDown | RelayError::StorageUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RelayError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -140,6 +151,13 @@ impl IntoResponse for RelayError {
     fn into_response(self) -> Response {
         crate::metrics::rejected(self.code());
         if matches!(
+            self,
+            RelayError::InsufficientStorage(_) | RelayError::StorageUnavailable(_)
+        ) {
+            // The store logs the fault once when it starts and once when it ends; a flood of
+            // refused writes in between is counted, not logged line by line.
+            tracing::debug!(error = %self, "write refused: storage fault");
+        } else if matches!(
             self,
             RelayError::DocTooLarge { .. } | RelayError::TooManyConnections(_)
         ) {

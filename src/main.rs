@@ -36,7 +36,11 @@ fn main() -> std::process::ExitCode {
             // Nothing runs until `run` polls it, after logging is set up.
             let token = CancellationToken::new();
             let serving = automerge_relay::run(args, token.clone());
-            runtime.block_on(run(serving, token))
+            let code = runtime.block_on(run(serving, token));
+            // Blocking threads may still be stuck in the store (a wedged flush the shutdown
+            // gave up on); nothing acknowledged waits on them, so do not wait for them either.
+            runtime.shutdown_background();
+            code
         }
         Err(e) => {
             eprintln!("automerge-relay: cannot start the async runtime: {e}");

@@ -20,12 +20,31 @@ pub async fn health() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready when the store takes writes (healthy, disk over `--min-free-disk`) and answers a
+/// listing. Not ready: `503 {"error":"not_ready","reason":<the code writes get>,"message"}`.
+/// Health (`/_/health`) stays ok meanwhile: the process is fine, and restarting it would not
+/// free the disk.
 pub async fn ready(State(state): State<AppState>) -> Response {
-    match state.docs.list(None, 1).await {
-        Ok(_) => Json(json!({"status": "ready"})).into_response(),
-        Err(e) => (
+    let store = state.docs.store_health();
+    let disk = json!({
+        "free_bytes": store.free_bytes,
+        "min_free_bytes": store.min_free_bytes,
+    });
+    let refusing = match store.refusing {
+        Some(e) => Some(e),
+        None => state.docs.list(None, 1).await.err(),
+    };
+    match refusing {
+        None => Json(json!({"status": "ready", "disk": disk})).into_response(),
+        Some(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "not_ready", "message": e.to_string()})),
+            Json(json!({
+                "error": "not_ready",
+                "reason": e.code(),
+                "message": e.to_string(),
+                "disk": disk,
+                "stuck_store_operations": store.stuck,
+            })),
         )
             .into_response(),
     }

@@ -1,4 +1,12 @@
 //! Wiring: open the store, build the router, serve until SIGINT/SIGTERM, then drain and flush.
+//!
+//! Two things here exist because of storage faults. The store always starts, even on a full
+//! disk: it is wrapped in a `GuardedStore` (time bounds, health, `--min-free-disk`), and a
+//! sled store with no room to open is opened later (until then reads answer 503 and writes
+//! 507). And shutdown is bounded by `--shutdown-grace-secs` whatever the store does: the final
+//! flush and the release of the store are given what is left of the grace period, then
+//! abandoned — nothing acknowledged depends on them, since every acknowledged write was
+//! flushed before it was answered.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -10,14 +18,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::{self, AcceptSettings};
 use crate::auth::Auth;
-use crate::config::{ServeArgs, StoreKind};
+use crate::config::{MinFreeDisk, ServeArgs, StoreKind};
 use crate::doc::{DocConfig, Documents};
 use crate::limits::ConnectionLimits;
 use crate::live::Followers;
 use crate::repo::hub::Hub;
 use crate::router::router;
 use crate::state::{AppState, Limits};
-use crate::storage::{MemoryStore, SledStore, Store};
+use crate::storage::{
+    DiskSpace, FaultSwitch, FaultyStore, GuardedStore, Guarding, MemoryStore, MinFree, Opened,
+    SledStore, Store,
+};
 use crate::upload::UploadGate;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,15 +46,62 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Opens the configured store.
+/// The watermark `--min-free-disk` asks for; `None` for no check.
+fn min_free(args: &ServeArgs) -> Option<MinFree> {
+    match args.min_free_disk {
+        None => Some(MinFree::Default),
+        Some(MinFreeDisk::Bytes(0)) => None,
+        Some(MinFreeDisk::Bytes(b)) => Some(MinFree::Bytes(b)),
+        Some(MinFreeDisk::Percent(p)) if p <= 0.0 => None,
+        Some(MinFreeDisk::Percent(p)) => Some(MinFree::Percent(p)),
+    }
+}
+
+/// Opens the configured store, guarded. A sled store that has no room to open yet is
+/// returned unhealthy and opens itself once space allows. Must run inside the runtime.
 pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
-    Ok(match args.store {
-        StoreKind::Sled => Arc::new(
-            SledStore::open_with_cache(&args.data_dir, args.store_cache as u64)
-                .map_err(|e| ServeError::Store(e.0))?,
-        ),
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-    })
+    let mut deferred = None;
+    let (backend, mut disk): (Arc<dyn Store>, Option<DiskSpace>) = match args.store {
+        StoreKind::Sled => {
+            let disk = min_free(args).map(|m| DiskSpace::new(&args.data_dir, m));
+            match SledStore::open_or_defer(&args.data_dir, args.store_cache as u64) {
+                Ok(Opened::Open(store)) => (Arc::new(store), disk),
+                Ok(Opened::Deferred { store, reason }) => {
+                    tracing::warn!(error = %reason, "no room on the disk to open the store: serving without it (reads 503, writes 507) and opening it once space is freed");
+                    deferred = Some(reason.message);
+                    (Arc::new(store), disk)
+                }
+                Err(e) => return Err(ServeError::Store(e.message)),
+            }
+        }
+        StoreKind::Memory => (Arc::new(MemoryStore::new()), None),
+    };
+    let backend: Arc<dyn Store> = match &args.test_faults {
+        Some(file) => {
+            tracing::warn!(file = %file.display(), "RELAY_TEST_FAULTS is set: store faults are injected from this file (for tests only)");
+            let switch = FaultSwitch::from_file(file.clone());
+            disk = disk.map(|d| d.with_faults(switch.clone()));
+            Arc::new(FaultyStore::new(backend, switch))
+        }
+        None => backend,
+    };
+    let guarded = GuardedStore::new(
+        backend,
+        disk,
+        Guarding {
+            timeout: args.store_timeout(),
+            probe_every: Duration::from_secs(1),
+        },
+    );
+    if let Some(reason) = deferred {
+        guarded.mark_unhealthy(&reason);
+    }
+    // The first reading of the disk logs when it is already under the watermark.
+    let watermark = guarded.health().disk.is_some();
+    if matches!(args.store, StoreKind::Sled) && min_free(args).is_some() && !watermark {
+        tracing::warn!(data_dir = %args.data_dir.display(), "cannot read the free disk space of the data dir; --min-free-disk is not enforced until it can");
+    }
+    Ok(Arc::new(guarded))
 }
 
 /// Runs the server until `shutdown` fires. Prints `listening on http://ADDR` once bound.
@@ -131,11 +189,36 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
     // Then the document owners: what the transports handed them is merged, persisted and
     // answered before the final flush.
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    docs.close(left.max(Duration::from_secs(1)))
-        .await
-        .map_err(|e| ServeError::Store(e.to_string()))?;
-    tracing::info!("store flushed; bye");
+    match docs.close(left).await {
+        Ok(()) => tracing::info!("store flushed; bye"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "final store flush abandoned; every acknowledged write was flushed before it was \
+             acknowledged, so nothing acknowledged is lost; exiting 0"
+        ),
+    }
+    release(docs, deadline).await;
     Ok(())
+}
+
+/// Drops the last handles on the store on a thread of its own, waiting at most until
+/// `deadline`: sled flushes again when its last handle goes, and that can block on a wedged
+/// disk. What it would flush was never acknowledged.
+async fn release(docs: Documents, deadline: tokio::time::Instant) {
+    let (done, dropped) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("release-store".into())
+        .spawn(move || {
+            drop(docs);
+            let _ = done.send(());
+        });
+    if spawned.is_err() {
+        tracing::warn!("cannot start a thread to close the store; exiting without closing it");
+        return;
+    }
+    if tokio::time::timeout_at(deadline, dropped).await.is_err() {
+        tracing::warn!("closing the store did not finish within the grace period; exiting without waiting for it (nothing acknowledged depends on it)");
+    }
 }
 
 /// Reloads the credentials on every SIGHUP until shutdown; a bad file keeps the previous

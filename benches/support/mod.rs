@@ -124,7 +124,9 @@ pub fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig 
 
 /// The secret benchmarks present when `BENCH_RELAY_TOKEN` is set.
 pub fn auth_token() -> Option<String> {
-    std::env::var("BENCH_RELAY_TOKEN").ok().filter(|t| !t.is_empty())
+    std::env::var("BENCH_RELAY_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
 }
 
 /// An HTTP client that presents `BENCH_RELAY_TOKEN`, if set, on every request.

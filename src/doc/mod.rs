@@ -6,12 +6,13 @@
 //! - `api`: commands, outcomes and preconditions;
 //! - `registry`: [`Documents`], at most one owner per id; `evictor`: the memory budget;
 //! - `owner`: the task loop and the document's lifecycle; `turn`: a merged turn waiting for
-//!   its durable write; `merge`: the pure batch merge; `exchange` + `peer_sync`: the repo
+//!   its durable write; `durable`: the last durable state and going back to it; `merge`: the pure batch merge; `exchange` + `peer_sync`: the repo
 //!   peers' sync; `chunks`: stored chunks and their totals; `listeners`: subscribers and peers;
 //! - `shared`: settings and counters every owner shares, and the owners' narrow handle.
 
 mod api;
 mod chunks;
+mod durable;
 mod etag;
 mod evictor;
 mod exchange;
@@ -24,6 +25,9 @@ mod registry;
 mod shared;
 mod stats;
 mod turn;
+
+#[cfg(test)]
+mod owner_tests;
 
 pub use api::{DocEvent, Precondition, ReadOutcome, Subscription, WriteOutcome};
 pub use etag::{etag_for, parse_heads};

@@ -5,7 +5,14 @@
 //! document never stalls the async workers; then **one** durable append (group commit) that
 //! overlaps the next turn's merge (`turn.rs`); only then the replies, one push to every
 //! subscriber and the repo peers' sync messages. This file is the loop and the document's
-//! lifecycle: load, reload after a failure, delete, compaction, eviction and retirement.
+//! lifecycle: load, going back to the durable state after a failed write (`durable.rs`),
+//! delete, compaction, eviction and retirement.
+//!
+//! Storage faults: before merging, every write asks the store whether it would be taken
+//! (`Store::admit`: the disk watermark and the store's health), so while the store refuses
+//! writes they are answered at once (507/503) and cost no merge. A write that fails anyway
+//! fails its turn's writes; the owner returns to the last durable state in memory and keeps
+//! answering reads from it.
 
 use std::mem;
 use std::sync::Arc;
@@ -17,15 +24,16 @@ use tokio::task::JoinHandle;
 
 use super::api::{Command, DocEvent, Precondition, RepoSync, WriteJob, WriteRequest};
 use super::chunks::Chunks;
+use super::durable::{self, Durable};
 use super::evictor::Gauge;
 use super::exchange::RepoIn;
 use super::listeners::{RepoLinks, Subscribers};
 use super::merge::{merge, DocState, Rules, Work};
-use super::shared::{Registrar, Shared};
+use super::shared::{store_error, Registrar, Shared};
 use super::turn::{PendingRead, Persisted, Replies, Turn};
 use crate::error::RelayError;
 use crate::id::DocId;
-use crate::storage::{ChunkKey, StoreError};
+use crate::storage::{ChunkKey, StoreError, StoredChunk};
 use crate::upload::Hint;
 
 /// Most commands one turn of the owner takes from its queue.
@@ -41,6 +49,19 @@ struct Compacted {
 type Compaction = JoinHandle<Result<Compacted, StoreError>>;
 type CompactionResult = Result<Result<Compacted, StoreError>, tokio::task::JoinError>;
 
+/// A turn whose write failed: the error its writes got, and its reads and subscriptions, to
+/// be answered again from the durable state.
+struct Failed {
+    err: RelayError,
+    retry: Replies,
+}
+
+/// A document read from the store.
+struct Loaded {
+    doc: Automerge,
+    chunks: Vec<StoredChunk>,
+}
+
 pub(super) struct Owner {
     id: DocId,
     generation: u64,
@@ -54,7 +75,12 @@ pub(super) struct Owner {
     subscribers: Subscribers,
     links: RepoLinks,
     compaction: Option<Compaction>,
-    load_error: Option<String>,
+    /// The document could not be loaded: every command gets this until a load succeeds.
+    load_error: Option<RelayError>,
+    /// What the disk holds: where a failed write goes back to.
+    durable: Durable,
+    /// Went back to the durable state in memory: reload from the store before the next write.
+    stale: bool,
     /// The previous turn, while its durable write runs (overlapping the next merge).
     in_flight: Option<Turn>,
     /// A snapshot was taken and its compaction has not finished yet.
@@ -89,6 +115,8 @@ impl Owner {
             links: RepoLinks::default(),
             compaction: None,
             load_error: None,
+            durable: Durable::default(),
+            stale: false,
             in_flight: None,
             snapshot_pending: false,
             repo_flush_at: None,
@@ -114,8 +142,8 @@ impl Owner {
                 }
                 result = wait_in_flight(&mut self.in_flight) => {
                     if let Some(turn) = self.in_flight.take() {
-                        if self.complete(turn, result).is_err() {
-                            Box::pin(self.reload()).await;
+                        if let Err(failed) = self.complete(turn, result) {
+                            Box::pin(self.recover(failed)).await;
                         }
                     }
                     if Box::pin(self.try_retire()).await {
@@ -201,40 +229,63 @@ impl Owner {
     }
 
     async fn load(&mut self) {
-        let chunks = match self.shared.store.load(&self.id).await {
-            Ok(chunks) => chunks,
-            Err(e) => return self.fail_load(e.to_string()),
-        };
-        let mut all = Vec::new();
-        self.chunks.clear();
-        for c in &chunks {
-            all.extend_from_slice(&c.bytes);
-            self.chunks.add(c.key.clone(), c.bytes.len());
+        match self.read_store().await {
+            Ok(loaded) => self.install(loaded),
+            Err(e) => {
+                tracing::error!(doc = %self.id, error = %e, "cannot load document");
+                self.load_error = Some(e);
+            }
         }
-        self.state.exists = !chunks.is_empty();
+    }
+
+    /// Reads the document from the store, touching nothing of the owner's state.
+    async fn read_store(&self) -> Result<Loaded, RelayError> {
+        let chunks = self
+            .shared
+            .store
+            .load(&self.id)
+            .await
+            // A read the store cannot answer is unavailable, whatever the cause (507 is for
+            // writes).
+            .map_err(|e| RelayError::StorageUnavailable(e.message))?;
+        let all: Vec<u8> = chunks
+            .iter()
+            .flat_map(|c| c.bytes.iter().copied())
+            .collect();
         let loaded = tokio::task::spawn_blocking(move || {
             let mut doc = Automerge::new();
             doc.load_incremental(&all).map(|_| doc)
         })
         .await;
         match loaded {
-            Ok(Ok(doc)) => {
-                self.state.doc = doc;
-                self.state.cached_save = None;
-                self.load_error = None;
-                self.publish(true);
-                if self.state.exists {
-                    self.shared.stats.loaded();
-                }
-            }
-            Ok(Err(e)) => self.fail_load(format!("stored document is unreadable: {e}")),
-            Err(e) => self.fail_load(format!("load task failed: {e}")),
+            Ok(Ok(doc)) => Ok(Loaded { doc, chunks }),
+            Ok(Err(e)) => Err(RelayError::Storage(format!(
+                "stored document is unreadable: {e}"
+            ))),
+            Err(e) => Err(RelayError::Internal(format!("load task failed: {e}"))),
         }
     }
 
-    fn fail_load(&mut self, msg: String) {
-        tracing::error!(doc = %self.id, error = %msg, "cannot load document");
-        self.load_error = Some(msg);
+    /// Makes a document read from the store the current and durable state.
+    fn install(&mut self, loaded: Loaded) {
+        self.chunks.clear();
+        for c in &loaded.chunks {
+            self.chunks.add(c.key.clone(), c.bytes.len());
+        }
+        self.state.exists = !loaded.chunks.is_empty();
+        self.state.doc = loaded.doc;
+        self.state.stored_pending.clear();
+        self.state.cached_save = None;
+        self.durable = Durable {
+            heads: self.state.doc.get_heads(),
+            exists: self.state.exists,
+        };
+        self.load_error = None;
+        self.stale = false;
+        self.publish(true);
+        if self.state.exists {
+            self.shared.stats.loaded();
+        }
     }
 
     fn epoch(&self) -> u64 {
@@ -256,27 +307,43 @@ impl Owner {
     /// Sorts a batch of commands into turns: everything up to a delete is one turn.
     async fn handle(&mut self, cmds: Vec<Command>) {
         if let Some(err) = &self.load_error {
-            let err = RelayError::Storage(err.clone());
+            // Writes are told why the store refuses them, if it does (a full disk is what
+            // the client and the operator can act on); everything else why it cannot load.
+            let refusal = self.shared.store.admit(0).err().map(|e| store_error(&e));
             for cmd in cmds {
-                cmd.fail(err.clone());
+                let is_write = matches!(&cmd, Command::Write(_) | Command::RepoSync(_));
+                match (&refusal, is_write) {
+                    (Some(refused), true) => cmd.fail(refused.clone()),
+                    _ => cmd.fail(err.clone()),
+                }
             }
             return;
         }
+        let mut gate = Gate {
+            refusal: self.prepare_writes(&cmds).await.err(),
+            admitted: 0,
+        };
         let mut work = Work::default();
         let mut replies = Replies::default();
         for cmd in cmds {
             match cmd {
                 Command::Write(w) => {
                     let WriteRequest { job, reply } = *w;
+                    if let Err(err) = self.admit(&job, &mut gate) {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(err));
+                        }
+                        continue;
+                    }
                     work.jobs.push(job);
                     replies.writes.push(reply);
                 }
                 Command::Read(r) => {
+                    work.reads.push(r.since.clone());
                     replies.reads.push(PendingRead {
-                        whole: r.since.is_none(),
+                        since: r.since,
                         reply: r.reply,
                     });
-                    work.reads.push(r.since);
                 }
                 Command::Subscribe(s) => replies.subscribes.push(*s),
                 Command::Delete { reply } => {
@@ -285,7 +352,9 @@ impl Owner {
                     self.drain().await;
                     let _ = reply.send(self.delete().await);
                 }
-                Command::RepoSync(sync) => self.take_repo_sync(*sync, &mut work, &mut replies),
+                Command::RepoSync(sync) => {
+                    self.take_repo_sync(*sync, &mut work, &mut replies, &mut gate)
+                }
                 Command::RepoDetach { conn } => {
                     self.links.detach(conn);
                     self.state.peers.remove(&conn);
@@ -300,8 +369,58 @@ impl Owner {
         }
     }
 
-    /// A repo peer's message joins the turn: its changes as a write like any other.
-    fn take_repo_sync(&mut self, sync: RepoSync, work: &mut Work, replies: &mut Replies) {
+    /// Before a batch with writes: a document that went back to its durable state in memory
+    /// is read again from the store, once the store takes writes. `Err` refuses the batch's
+    /// writes (the document stays as it is; reads are served from it).
+    async fn prepare_writes(&mut self, cmds: &[Command]) -> Result<(), RelayError> {
+        let writes = cmds.iter().any(|c| match c {
+            Command::Write(_) => true,
+            Command::RepoSync(s) => s.upload.is_some(),
+            _ => false,
+        });
+        if !self.stale || !writes {
+            return Ok(());
+        }
+        self.shared.store.admit(0).map_err(|e| store_error(&e))?;
+        self.drain().await;
+        if let Some(c) = self.compaction.take() {
+            let result = c.await;
+            self.finish_compaction(result);
+        }
+        let loaded = self.read_store().await?;
+        self.install(loaded);
+        self.reset_repo_states();
+        tracing::info!(doc = %self.id, "reloaded from the store after a failed write");
+        Ok(())
+    }
+
+    /// Whether the store would take this write now (asked before merging it, so a refused
+    /// write costs no merge and no rollback). Counts it against the batch's admitted bytes.
+    fn admit(&self, job: &WriteJob, gate: &mut Gate) -> Result<(), RelayError> {
+        if let Some(err) = &gate.refusal {
+            return Err(err.clone());
+        }
+        let total = gate
+            .admitted
+            .saturating_add(job.upload.growth_bound(self.epoch()));
+        self.shared
+            .store
+            .admit(total)
+            .map_err(|e| store_error(&e))?;
+        gate.admitted = total;
+        Ok(())
+    }
+
+    /// A repo peer's message joins the turn: its changes as a write like any other. When the
+    /// store refuses them, the whole message is dropped and the peer's sync state reset: its
+    /// next message starts a fresh exchange, in which it sends the changes again.
+    fn take_repo_sync(
+        &mut self,
+        sync: RepoSync,
+        work: &mut Work,
+        replies: &mut Replies,
+        gate: &mut Gate,
+    ) {
         let RepoSync {
             link,
             message,
@@ -314,11 +433,21 @@ impl Owner {
         self.state.peers.entry(conn).or_default();
         let had_changes = upload.is_some();
         if let Some(upload) = upload {
-            work.jobs.push(WriteJob {
+            let job = WriteJob {
                 upload,
                 precondition: Precondition::None,
                 origin: Some(conn),
-            });
+            };
+            if let Err(err) = self.admit(&job, gate) {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(err));
+                }
+                if let Some(peer) = self.state.peers.get_mut(&conn) {
+                    peer.reset();
+                }
+                return;
+            }
+            work.jobs.push(job);
             replies.writes.push(reply);
         }
         work.repo.push(RepoIn {
@@ -333,16 +462,20 @@ impl Owner {
     /// previous turn while the merge runs).
     async fn run_turn(&mut self, mut work: Work, replies: Replies) {
         let config = &self.shared.config;
-        work.need_full = replies.reads.iter().any(|r| r.whole) || !replies.subscribes.is_empty();
+        work.need_full =
+            replies.reads.iter().any(|r| r.since.is_none()) || !replies.subscribes.is_empty();
         let rules = Rules {
             epoch: self.epoch(),
             size_room: config
                 .max_doc_size
                 .saturating_sub(self.chunks.stored_bytes()),
             max_doc_size: config.max_doc_size,
+            // A snapshot is at most the stored size; near the disk watermark it would be
+            // refused after a full save, turn after turn, so it is not taken then.
             want_snapshot: !work.jobs.is_empty()
                 && !self.snapshot_pending
-                && self.chunks.wants_compaction(),
+                && self.chunks.wants_compaction()
+                && self.shared.store.admit(self.chunks.stored_bytes()).is_ok(),
             repo_interval: config.repo_sync_interval,
         };
         let mut state = mem::take(&mut self.state);
@@ -374,10 +507,12 @@ impl Owner {
         let links = &self.links;
         self.state.peers.retain(|conn, _| links.has(*conn));
         self.repo_flush_at = effects.repo_due.map(tokio::time::Instant::from_std);
-        if let Some(err) = failure {
-            // This turn was merged on top of a batch that never became durable.
-            replies.fail(&err);
-            self.reload().await;
+        if let Some(Failed { err, retry }) = failure {
+            // This turn was merged on top of a batch that never became durable: its writes
+            // fail with it, its reads are answered again after going back.
+            let mut rest = replies.fail_writes(&err);
+            rest.absorb(retry);
+            Box::pin(self.recover(Failed { err, retry: rest })).await;
             return;
         }
         let accepted = effects.results.iter().filter(|r| r.is_ok()).count();
@@ -412,8 +547,9 @@ impl Owner {
         };
         if turn.persist.is_some() {
             self.in_flight = Some(turn);
-        } else if let Err(e) = self.complete(turn, Ok(None)) {
-            tracing::error!(doc = %self.id, error = %e, "turn failed");
+        } else if let Err(failed) = self.complete(turn, Ok(None)) {
+            // Nothing to write cannot fail; kept for completeness.
+            Box::pin(self.recover(failed)).await;
         }
     }
 
@@ -421,13 +557,59 @@ impl Owner {
     async fn drain(&mut self) {
         if let Some(mut turn) = self.in_flight.take() {
             let result = turn.persisted().await;
-            if self.complete(turn, result).is_err() {
+            if let Err(failed) = self.complete(turn, result) {
+                Box::pin(self.recover(failed)).await;
+            }
+        }
+    }
+
+    /// After a failed write: back to the durable state, then the failed turns' reads and
+    /// subscriptions are answered from it.
+    async fn recover(&mut self, failed: Failed) {
+        self.roll_back().await;
+        let Failed { err, retry } = failed;
+        if retry.is_empty() || self.load_error.is_some() {
+            retry.fail(self.load_error.as_ref().unwrap_or(&err));
+            return;
+        }
+        let work = retry.reads_work();
+        Box::pin(self.run_turn(work, retry)).await;
+    }
+
+    /// Returns the document to its last durable state from memory (`durable.rs` says why
+    /// and how), on a blocking thread: forking a large document costs about a load.
+    async fn roll_back(&mut self) {
+        let to = self.durable.clone();
+        let mut state = mem::take(&mut self.state);
+        let result = tokio::task::spawn_blocking(move || {
+            let r = durable::roll_back(&mut state, &to);
+            (state, r)
+        })
+        .await;
+        self.snapshot_pending = false;
+        match result {
+            Ok((state, Ok(forked))) => {
+                self.state = state;
+                self.stale = true;
+                self.reset_repo_states();
+                self.publish(true);
+                tracing::warn!(doc = %self.id, forked, "back to the last durable state after a failed write; serving reads from it");
+            }
+            Ok((state, Err(e))) => {
+                self.state = state;
+                tracing::error!(doc = %self.id, error = %e, "cannot go back to the durable state in memory; reloading");
+                self.reload().await;
+            }
+            Err(e) => {
+                tracing::error!(doc = %self.id, error = %e, "rollback task failed; reloading");
                 self.reload().await;
             }
         }
     }
 
-    /// Reloads the durable state after a failure and restarts every repo peer's sync.
+    /// Reloads the document from the store when its state in memory was lost (a merge task
+    /// that panicked, a rollback that could not be done) and restarts every repo peer's sync.
+    /// If the store cannot be read, every command fails until it can.
     async fn reload(&mut self) {
         self.state.stored_pending.clear();
         self.state.cached_save = None;
@@ -443,12 +625,13 @@ impl Owner {
     }
 
     /// Sends everything a merged turn owes once its write is durable; on a failed write,
-    /// fails the turn's requests and returns the error.
+    /// fails the turn's writes and returns the rest, sending nothing else: no push, no repo
+    /// message, no compaction.
     fn complete(
         &mut self,
         turn: Turn,
         persisted: Result<Option<Persisted>, RelayError>,
-    ) -> Result<(), RelayError> {
+    ) -> Result<(), Failed> {
         match persisted {
             Ok(Some(p)) => {
                 self.shared.stats.persisted(p.took);
@@ -457,11 +640,15 @@ impl Owner {
             Ok(None) => {}
             Err(err) => {
                 tracing::error!(doc = %self.id, error = %err, "persisting a batch failed");
-                turn.replies.fail(&err);
+                let retry = turn.replies.fail_writes(&err);
                 self.snapshot_pending = false;
-                return Err(err);
+                return Err(Failed { err, retry });
             }
         }
+        self.durable = Durable {
+            heads: turn.heads.clone(),
+            exists: turn.exists,
+        };
         let answered = turn.answer();
         if let Some(batch) = answered.push {
             self.subscribers
@@ -492,9 +679,11 @@ impl Owner {
             .store
             .delete(&self.id)
             .await
-            .map_err(|e| RelayError::Storage(e.to_string()))?;
+            .map_err(|e| store_error(&e))?;
         self.state.doc = Automerge::new();
         self.state.exists = false;
+        self.durable = Durable::default();
+        self.stale = false;
         self.state.stored_pending.clear();
         self.state.cached_save = None;
         self.chunks.clear();
@@ -542,6 +731,14 @@ impl Owner {
             Err(e) => tracing::warn!(doc = %self.id, error = %e, "compaction task failed"),
         }
     }
+}
+
+/// The writes of one batch, as the store admits them.
+struct Gate {
+    /// Set when the batch's writes are all refused (a stale document could not be reloaded).
+    refusal: Option<RelayError>,
+    /// Upper bound of the bytes the batch's admitted writes add.
+    admitted: u64,
 }
 
 /// The running compaction's result; never resolves when there is none.

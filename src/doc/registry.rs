@@ -21,7 +21,7 @@ use super::api::{
 use super::evictor::{self, Candidate, Gauge};
 use super::owner::Owner;
 use super::peer::PeerLink;
-use super::shared::{DocConfig, Forwarding, Registrar, Shared};
+use super::shared::{store_error, DocConfig, Forwarding, Registrar, Shared, StoreReport};
 use super::stats::StatsSnapshot;
 use super::ConnId;
 use crate::error::RelayError;
@@ -301,13 +301,27 @@ impl Documents {
             .store
             .list(after, limit)
             .await
-            .map_err(|e| RelayError::Storage(e.to_string()))
+            .map_err(|e| store_error(&e))
+    }
+
+    /// How the store is doing: whether it takes writes, and the disk's free space.
+    pub fn store_health(&self) -> StoreReport {
+        let h = self.inner.shared.store.health();
+        StoreReport {
+            refusing: h.refusing.as_ref().map(store_error),
+            free_bytes: h.disk.map(|d| d.free),
+            min_free_bytes: h.disk.map(|d| d.min_free),
+            stuck: h.stuck,
+        }
     }
 
     /// Shutdown: refuses new commands, lets every owner finish what is queued (merge,
-    /// persist, reply), waits for them and for the store writes they started (up to
-    /// `grace`), then flushes the store.
+    /// persist, reply), waits for them and for the store writes they started, then flushes
+    /// the store — all within `grace`, whatever the store does. An error says the flush
+    /// failed or was abandoned; nothing acknowledged depends on it (each acknowledged write
+    /// was flushed before its answer).
     pub async fn close(&self, grace: Duration) -> Result<(), RelayError> {
+        let deadline = tokio::time::Instant::now() + grace;
         let inner = &self.inner;
         inner.closed.store(true, Ordering::Release);
         // Dropping the registry's senders ends each owner once its queue is empty.
@@ -321,12 +335,18 @@ impl Documents {
                 "document owners did not finish within the grace period"
             );
         }
-        inner
-            .shared
-            .store
-            .flush()
-            .await
-            .map_err(|e| RelayError::Storage(e.to_string()))
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(RelayError::StorageUnavailable(
+                "no time was left for the final flush".into(),
+            ));
+        }
+        match tokio::time::timeout(left, inner.shared.store.flush()).await {
+            Ok(flushed) => flushed.map_err(|e| store_error(&e)),
+            Err(_) => Err(RelayError::StorageUnavailable(format!(
+                "the final flush did not return within the {left:.1?} left of the grace period"
+            ))),
+        }
     }
 
     pub fn stats(&self) -> StatsSnapshot {

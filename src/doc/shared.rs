@@ -1,6 +1,6 @@
-//! What every owner of a process shares (the store, settings, counters, task tracking), and
-//! the narrow handle through which an owner talks to the registry: it may leave it and pass on
-//! commands that reached it after it left, nothing else.
+//! What every owner of a process shares (the store, settings, counters, task tracking), the
+//! narrow handle through which an owner talks to the registry (it may leave it and pass on
+//! commands that reached it after it left, nothing else), and how store errors reach clients.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,8 +12,32 @@ use tokio_util::task::TaskTracker;
 
 use super::api::Command;
 use super::stats::Stats;
+use crate::error::RelayError;
 use crate::id::DocId;
-use crate::storage::Store;
+use crate::storage::{Store, StoreError, StoreErrorKind};
+
+/// How the store is doing, for `/_/ready`.
+#[derive(Debug, Clone, Default)]
+pub struct StoreReport {
+    /// Why writes are refused now (`insufficient_storage` or `storage_unavailable`).
+    pub refusing: Option<RelayError>,
+    /// Free bytes on the data dir's file system, and the watermark, when there is a disk.
+    pub free_bytes: Option<u64>,
+    pub min_free_bytes: Option<u64>,
+    /// Store operations given up on that have not returned.
+    pub stuck: usize,
+}
+
+/// What a client is told of a store error: `507` when the disk is full (nothing was stored),
+/// else `503` (the store failed or is recovering; retrying later is safe).
+pub(super) fn store_error(e: &StoreError) -> RelayError {
+    match e.kind {
+        StoreErrorKind::NoSpace => RelayError::InsufficientStorage(e.message.clone()),
+        StoreErrorKind::Failed | StoreErrorKind::Unavailable => {
+            RelayError::StorageUnavailable(e.message.clone())
+        }
+    }
+}
 
 /// Tuning of the document layer.
 #[derive(Debug, Clone)]

@@ -2,7 +2,9 @@
 //!
 //! Group commit with pipelining: a turn's durable write runs while the owner already merges
 //! the next turn; the turn's replies, pushes and repo messages go out only once its write has
-//! succeeded. A failed write fails every request of the turn.
+//! succeeded. A failed write fails the turn's writes (and those of the turn merged on top of
+//! it); its reads and subscriptions are answered again once the owner is back to the durable
+//! state (`durable.rs`), and its pushes and repo messages are dropped.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -15,7 +17,8 @@ use tokio::task::JoinHandle;
 use super::api::{ReadOutcome, Reply, SubscribeRequest, Subscription, WriteOutcome};
 use super::etag::etag_for;
 use super::listeners::Subscriber;
-use super::merge::Effects;
+use super::merge::{Effects, Work};
+use super::shared::store_error;
 use crate::error::RelayError;
 use crate::storage::{ChunkKey, StoreError};
 
@@ -34,22 +37,48 @@ impl Replies {
     }
 
     pub(super) fn fail(self, err: &RelayError) {
+        let rest = self.fail_writes(err);
+        for r in rest.reads {
+            let _ = r.reply.send(Err(err.clone()));
+        }
+        for s in rest.subscribes {
+            let _ = s.reply.send(Err(err.clone()));
+        }
+    }
+
+    /// Fails the writes with `err` and returns the rest (reads, subscriptions), to be
+    /// answered again from the durable state.
+    pub(super) fn fail_writes(self, err: &RelayError) -> Replies {
         for reply in self.writes.into_iter().flatten() {
             let _ = reply.send(Err(err.clone()));
         }
-        for r in self.reads {
-            let _ = r.reply.send(Err(err.clone()));
+        Replies {
+            writes: Vec::new(),
+            reads: self.reads,
+            subscribes: self.subscribes,
         }
-        for s in self.subscribes {
-            let _ = s.reply.send(Err(err.clone()));
+    }
+
+    /// Adds `other`'s waiting requests to these.
+    pub(super) fn absorb(&mut self, other: Replies) {
+        self.writes.extend(other.writes);
+        self.reads.extend(other.reads);
+        self.subscribes.extend(other.subscribes);
+    }
+
+    /// The work that answers these reads again (no writes).
+    pub(super) fn reads_work(&self) -> Work {
+        Work {
+            reads: self.reads.iter().map(|r| r.since.clone()).collect(),
+            ..Work::default()
         }
     }
 }
 
-/// A read waiting for the turn: of the whole document, or of changes since some heads (the
-/// heads went to the merge).
+/// A read waiting for the turn: of the whole document (`since = None`), or of changes since
+/// some heads (kept, so the read can be answered again after a failed turn).
 pub(super) struct PendingRead {
-    pub(super) whole: bool,
+    pub(super) since: Option<Vec<ChangeHash>>,
     pub(super) reply: Reply<ReadOutcome>,
 }
 
@@ -89,8 +118,10 @@ impl Turn {
         };
         match handle.await {
             Ok(Ok(done)) => Ok(Some(done)),
-            Ok(Err(e)) => Err(RelayError::Storage(e.to_string())),
-            Err(e) => Err(RelayError::Storage(format!("storage task failed: {e}"))),
+            Ok(Err(e)) => Err(store_error(&e)),
+            Err(e) => Err(RelayError::StorageUnavailable(format!(
+                "storage task failed: {e}"
+            ))),
         }
     }
 
@@ -115,7 +146,7 @@ impl Turn {
             let outcome = if !exists {
                 ReadOutcome::Missing
             } else {
-                let bytes = if read.whole {
+                let bytes = if read.since.is_none() {
                     full_save.clone()
                 } else {
                     since_reads.next().unwrap_or_default()

@@ -29,7 +29,7 @@ impl MemoryStore {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<Key, Vec<u8>>>, StoreError> {
         self.chunks
             .lock()
-            .map_err(|_| StoreError("memory store lock poisoned".into()))
+            .map_err(|_| StoreError::failed("memory store lock poisoned"))
     }
 }
 

@@ -9,7 +9,15 @@
 //!
 //! Backends must make `append` and `compact` durable before returning: the HTTP `2xx` and the
 //! WebSocket ack are sent on the strength of it.
+//!
+//! Faults are a wrapper's business, not each backend's: [`GuardedStore`] (`guarded.rs`) bounds
+//! every operation in time, refuses writes while the disk is under its watermark (`disk.rs`) or
+//! the store is unhealthy, and probes until it recovers. [`FaultyStore`] (`faulty.rs`) injects
+//! faults into any backend for tests.
 
+mod disk;
+mod faulty;
+mod guarded;
 mod memory;
 mod sled_store;
 
@@ -18,8 +26,11 @@ use std::pin::Pin;
 
 use sha2::{Digest, Sha256};
 
+pub use disk::{DiskSpace, MinFree};
+pub use faulty::{Fault, FaultSwitch, FaultyStore};
+pub use guarded::{GuardedStore, Guarding, StoreHealth};
 pub use memory::MemoryStore;
-pub use sled_store::SledStore;
+pub use sled_store::{Opened, SledStore};
 
 use crate::id::DocId;
 
@@ -63,9 +74,60 @@ pub struct StoredChunk {
     pub bytes: Vec<u8>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+/// What kind of failure a [`StoreError`] is: it decides what a client is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The backend failed: an I/O error, a task that died, an operation that did not return.
+    Failed,
+    /// No room on the disk: refused before anything was written (the watermark), or the disk
+    /// filled up under the write.
+    NoSpace,
+    /// Writes are refused without trying: the store failed recently and has not recovered yet,
+    /// or it is not open.
+    Unavailable,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StoreError {
+    pub kind: StoreErrorKind,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self {
+            kind: StoreErrorKind::Failed,
+            message: message.into(),
+        }
+    }
+
+    pub fn no_space(message: impl Into<String>) -> Self {
+        Self {
+            kind: StoreErrorKind::NoSpace,
+            message: message.into(),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            kind: StoreErrorKind::Unavailable,
+            message: message.into(),
+        }
+    }
+
+    /// An I/O error from a backend: `NoSpace` for ENOSPC (and EDQUOT), else `Failed`.
+    pub fn io(context: &str, e: &std::io::Error) -> Self {
+        let full = e.kind() == std::io::ErrorKind::StorageFull
+            || e.kind() == std::io::ErrorKind::QuotaExceeded;
+        let message = format!("{context}: {e}");
+        if full {
+            Self::no_space(message)
+        } else {
+            Self::failed(message)
+        }
+    }
+}
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
@@ -94,6 +156,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes everything written so far (used at shutdown).
     fn flush(&self) -> StoreFuture<'_, ()>;
+
+    /// A small durable write that tells whether the store works again after a failure (what
+    /// [`GuardedStore`] probes with while it is unhealthy). By default, a flush.
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        self.flush()
+    }
+
+    /// Whether a write of about `bytes` would be attempted now; `Err` says why not. Cheap (no
+    /// I/O on the store): owners ask before merging, so a refused write costs no merge. Plain
+    /// backends always admit; [`GuardedStore`] checks its health and the disk watermark.
+    fn admit(&self, bytes: u64) -> Result<(), StoreError> {
+        let _ = bytes;
+        Ok(())
+    }
+
+    /// What `/_/ready` reports about the store. Plain backends are always healthy.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
 }
 
 #[cfg(test)]
