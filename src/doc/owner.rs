@@ -76,6 +76,7 @@ impl Owner {
         hint: watch::Sender<Hint>,
         gauge: Arc<Gauge>,
     ) -> Self {
+        let subscribers = Subscribers::new(shared.config.subscriber_queue_bytes);
         Self {
             id,
             generation,
@@ -85,7 +86,7 @@ impl Owner {
             rx,
             state: DocState::default(),
             chunks: Chunks::default(),
-            subscribers: Subscribers::default(),
+            subscribers,
             links: RepoLinks::default(),
             compaction: None,
             load_error: None,
