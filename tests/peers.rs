@@ -526,9 +526,9 @@ async fn a_stalled_repo_peer_under_an_ephemeral_flood_is_closed_and_memory_stays
         before >> 20,
         peak >> 20
     );
-    // Two missed pings (2 s each) and half a second, the tick that notices, the close frame's
-    // second: well within 10 s.
-    assert!(closed_after < Duration::from_secs(10), "{closed_after:?}");
+    // Two missed pings (2 s each) and half a second, the tick that notices (6 s), the close
+    // frame's second: 7 s, with room for a loaded machine.
+    assert!(closed_after < Duration::from_secs(15), "{closed_after:?}");
     let m = metrics(&relay).await;
     assert!(
         rejected(&m, "ping_timeout") + rejected(&m, "send_timeout") >= 1,

@@ -8,7 +8,7 @@
 //! side pushes; a [`Session`] supplies that and nothing else.
 //!
 //! A session never touches the socket: it puts what it wants sent into the [`Outbox`], and the
-//! loop hands it to the [`Writer`](writer), the one place that writes. The loop never awaits a
+//! loop hands it to the `Writer` (`writer.rs`), the one place that writes. The loop never awaits a
 //! send: the writer is polled alongside the frames, replies, events and timers, so pings go out
 //! and silence is noticed while a send is blocked, and a send that takes longer than
 //! `--send-timeout-secs` closes the socket. The session is asked for more only when nothing
