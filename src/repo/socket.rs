@@ -224,7 +224,9 @@ impl Session for RepoSocket {
                 out.close_now(CLOSE_FELL_BEHIND, "fell behind; reconnect to resync");
             }
             RepoEvent::Replaced => {
-                out.close(CLOSE_NORMAL, "replaced by a newer connection of this peer");
+                // The peer syncs afresh on its new socket; what waits here is of no use (and
+                // an old socket is often a dead one).
+                out.close_now(CLOSE_NORMAL, "replaced by a newer connection of this peer");
             }
         }
     }
