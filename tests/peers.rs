@@ -550,3 +550,62 @@ async fn a_stalled_repo_peer_under_an_ephemeral_flood_is_closed_and_memory_stays
     .await;
     assert!(ended.is_ok(), "the stalled peer is still connected");
 }
+
+/// A peer that never reads, with pings and the send timeout far away: only its queue can tell.
+/// It asks for a large document (the answer, bigger than the budget, passes alone and blocks
+/// the socket), then, while that answer is under way, for documents the relay does not have;
+/// the first answer that does not fit closes it at once, not at its send timeout.
+#[tokio::test]
+async fn a_repo_peer_whose_queue_overflows_is_closed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(
+        dir.path(),
+        &["--max-peer-queue", "64KiB", "--ping-secs", "60"],
+    );
+    // 8 MiB that do not compress well: a sync message of 5 MiB, more than the TCP buffers hold.
+    let mut doc = base_doc();
+    add_item(&mut doc, &noise(&mut 0x2545_f491_4f6c_dd1d, 8 << 20));
+    let r = reqwest::Client::new()
+        .post(relay.url("/big"))
+        .body(doc.save())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let mut greedy = RepoPeer::join(&relay, "greedy", Some(16 * 1024)).await;
+    let data = AutoCommit::new()
+        .sync()
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .expect("a first sync message")
+        .encode();
+    let ask = |document_id: String| RepoMessage::Request {
+        sender_id: "greedy".into(),
+        target_id: "relay".into(),
+        document_id,
+        data: data.clone(),
+    };
+    let began = std::time::Instant::now();
+    greedy.send(&ask("big".into())).await;
+    // Until the big answer is being written, a small one fits; then the next one does not.
+    let mut asked = 0;
+    let closed_after = loop {
+        if series(&metrics(&relay).await, "relay_repo_peers") == 0 {
+            break began.elapsed();
+        }
+        assert!(
+            began.elapsed() < DEADLINE,
+            "the greedy peer was never closed"
+        );
+        asked += 1;
+        let msg = Message::Binary(ask(format!("nowhere-{asked}")).encode().into());
+        // Fails once the relay has closed the socket; the next check sees it.
+        let _ = greedy.ws.send(msg).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("the peer whose queue overflowed was closed after {closed_after:?} ({asked} asks)");
+    // Far sooner than the 30 s send timeout.
+    assert!(closed_after < Duration::from_secs(15), "{closed_after:?}");
+    let m = metrics(&relay).await;
+    assert_eq!(rejected(&m, "fell_behind"), 1, "{m}");
+    assert_eq!(rejected(&m, "send_timeout"), 0, "{m}");
+}
