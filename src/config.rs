@@ -153,6 +153,21 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_PING_SECS", default_value_t = 5)]
     pub ping_secs: u64,
 
+    /// Bytes that may wait for one live connection's peer: an automerge-repo peer past it is
+    /// closed with 4008 (its ephemeral messages are dropped instead); a per-document WebSocket
+    /// or SSE subscriber is switched to one catch-up.
+    #[arg(long, env = "RELAY_MAX_PEER_QUEUE", default_value = "4MiB", value_parser = parse_size)]
+    pub max_peer_queue: usize,
+
+    /// Seconds writing one message to a WebSocket may take; a peer that does not take it in
+    /// time is closed with 4008.
+    #[arg(long, env = "RELAY_SEND_TIMEOUT_SECS", default_value_t = 30)]
+    pub send_timeout_secs: u64,
+
+    /// Largest ephemeral message relayed between automerge-repo peers; larger ones are dropped.
+    #[arg(long, env = "RELAY_MAX_EPHEMERAL", default_value = "64KiB", value_parser = parse_size)]
+    pub max_ephemeral: usize,
+
     /// Estimated memory hot documents may use; past it, idle documents (no subscribers, no
     /// pending writes) are evicted least-recently-used first and reloaded on demand.
     #[arg(long, env = "RELAY_MEMORY_BUDGET", default_value = "512MiB", value_parser = parse_size)]
@@ -247,6 +262,10 @@ impl ServeArgs {
         Duration::from_secs(self.store_timeout_secs.max(1))
     }
 
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs(self.send_timeout_secs.max(1))
+    }
+
     /// Where credentials come from.
     pub fn auth_settings(&self) -> crate::auth::AuthSettings {
         crate::auth::AuthSettings {
@@ -320,6 +339,9 @@ mod tests {
         assert_eq!(args.listen, "127.0.0.1:5000");
         assert_eq!(args.data_dir, PathBuf::from("./relay-data"));
         assert_eq!(args.max_body, 16 << 20);
+        assert_eq!(args.max_peer_queue, 4 << 20);
+        assert_eq!(args.send_timeout(), Duration::from_secs(30));
+        assert_eq!(args.max_ephemeral, 64 << 10);
         let cli = Cli::parse_from(["automerge-relay", "serve", "--listen", "127.0.0.1:0"]);
         assert_eq!(serve_args(cli).listen, "127.0.0.1:0");
     }

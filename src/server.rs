@@ -131,6 +131,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
             repo_sync_interval: Duration::from_millis(args.repo_sync_interval_ms),
             memory_budget: args.memory_budget as u64,
             max_doc_size: args.max_doc_size as u64,
+            subscriber_queue_bytes: args.max_peer_queue,
         },
     );
     let tasks = TaskTracker::new();
@@ -152,6 +153,9 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
             subscriber_queue: args.subscriber_queue,
             ping_interval: args.ping_interval(),
             max_messages_per_sec: args.max_messages_per_sec,
+            max_peer_queue: args.max_peer_queue,
+            send_timeout: args.send_timeout(),
+            max_ephemeral: args.max_ephemeral,
             connections: live.clone(),
         }),
     };

@@ -50,5 +50,11 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// Data frames one socket may send per second (`--max-messages-per-sec`).
     pub max_messages_per_sec: u32,
+    /// Bytes that may wait for one live socket's peer (`--max-peer-queue`).
+    pub max_peer_queue: usize,
+    /// How long writing one message to a live socket may take (`--send-timeout-secs`).
+    pub send_timeout: Duration,
+    /// Largest ephemeral message relayed between automerge-repo peers (`--max-ephemeral`).
+    pub max_ephemeral: usize,
     pub connections: Arc<ConnectionLimits>,
 }

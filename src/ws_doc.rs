@@ -86,7 +86,12 @@ impl Session for DocSocket {
         }
     }
 
-    async fn next_event(&mut self) -> Option<Self::Event> {
+    async fn next_event(&mut self, room: bool) -> Option<Self::Event> {
+        if !room {
+            // What the client has not taken waits in the follower's bounded queue (and turns
+            // into one catch-up when it overflows).
+            return std::future::pending().await;
+        }
         self.follower.as_mut()?.next().await.transpose()
     }
 

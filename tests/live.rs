@@ -299,10 +299,18 @@ async fn hundred_subscribers_five_writers_converge() {
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_catches_up_and_stalls_nobody() {
     let dir = tempfile::tempdir().unwrap();
-    // Long ping interval: this client stops answering pings on purpose; keepalive is not under test.
+    // Long ping interval and send timeout: this client stops reading and answering pings on
+    // purpose; keepalive and slow sends are not under test (tests/peers.rs has them).
     let relay = Relay::start_with(
         dir.path(),
-        &["--subscriber-queue", "4", "--ping-secs", "120"],
+        &[
+            "--subscriber-queue",
+            "4",
+            "--ping-secs",
+            "120",
+            "--send-timeout-secs",
+            "120",
+        ],
     );
     let url = relay.url("/slow");
     let mut doc = base_doc();

@@ -31,7 +31,7 @@ mod owner_tests;
 
 pub use api::{DocEvent, Precondition, ReadOutcome, Subscription, WriteOutcome};
 pub use etag::{etag_for, parse_heads};
-pub use peer::{Outgoing, PeerLink};
+pub use peer::{Outgoing, PeerLink, PeerQueue, Queued};
 pub use peer_sync::PeerSync;
 pub use registry::Documents;
 pub use shared::DocConfig;

@@ -102,6 +102,7 @@ impl Owner {
         hint: watch::Sender<Hint>,
         gauge: Arc<Gauge>,
     ) -> Self {
+        let subscribers = Subscribers::new(shared.config.subscriber_queue_bytes);
         Self {
             id,
             generation,
@@ -111,7 +112,7 @@ impl Owner {
             rx,
             state: DocState::default(),
             chunks: Chunks::default(),
-            subscribers: Subscribers::default(),
+            subscribers,
             links: RepoLinks::default(),
             compaction: None,
             load_error: None,

@@ -3,14 +3,12 @@
 //! durable turn (reads keep working from it), and sends nothing for the failed turn — no
 //! reply, no push, no repo message.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, Automerge, ChangeHash, ReadDoc, ROOT};
-use tokio::sync::mpsc;
 
 use super::{DocConfig, DocEvent, Documents, PeerLink, Precondition, ReadOutcome};
 use crate::error::RelayError;
@@ -219,12 +217,7 @@ async fn a_repo_peer_gets_no_message_for_a_failed_turn() {
     let Setup { docs, switch, .. } = setup();
     let mut writer = AutoCommit::new();
     write(&docs, edit(&mut writer, "a")).await.unwrap();
-    let (tx, mut rx) = mpsc::channel(64);
-    let link = PeerLink {
-        conn: docs.next_conn_id(),
-        tx,
-        overflow: Arc::new(AtomicBool::new(false)),
-    };
+    let (link, mut queue) = PeerLink::new(docs.next_conn_id(), 1 << 20);
     let mut peer = writer.fork();
     peer.put(ROOT, "from-peer", 1).unwrap();
     let mut state = sync::State::new();
@@ -247,9 +240,10 @@ async fn a_repo_peer_gets_no_message_for_a_failed_turn() {
         matches!(result, Err(RelayError::StorageUnavailable(_))),
         "{result:?}"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The turn has failed (its write was answered): anything for the peer is queued by now.
+    let queued = tokio::time::timeout(Duration::from_millis(100), queue.recv()).await;
     assert!(
-        rx.try_recv().is_err(),
+        queued.is_err(),
         "no sync message may claim changes that are not stored"
     );
     assert!(!has(&served(&docs).await.0, "from-peer"));

@@ -49,6 +49,9 @@ pub struct DocConfig {
     pub memory_budget: u64,
     /// Largest stored size a document may grow to; writes past it are refused (413).
     pub max_doc_size: u64,
+    /// Bytes of batches that may wait for one live subscriber before it is switched to one
+    /// catch-up (`--max-peer-queue`).
+    pub subscriber_queue_bytes: usize,
 }
 
 impl Default for DocConfig {
@@ -57,6 +60,7 @@ impl Default for DocConfig {
             repo_sync_interval: Duration::from_millis(50),
             memory_budget: 512 << 20,
             max_doc_size: 256 << 20,
+            subscriber_queue_bytes: 4 << 20,
         }
     }
 }

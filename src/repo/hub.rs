@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +58,8 @@ impl Hub {
             .or_insert_with(|| link.clone());
     }
 
-    /// Relays an ephemeral message to the document's other peers (a repeat is dropped).
+    /// Relays an ephemeral message to the document's other peers (a repeat is dropped). The
+    /// data is shared by every recipient's queue, not copied into each.
     pub fn relay_ephemeral(
         &self,
         from: ConnId,
@@ -65,7 +67,7 @@ impl Hub {
         sender_id: &str,
         session_id: &str,
         count: u64,
-        data: &[u8],
+        data: Bytes,
     ) {
         let fresh = match self.ephemeral.lock() {
             Ok(mut f) => f.admit(sender_id, session_id, count),
@@ -82,7 +84,7 @@ impl Hub {
                         sender_id: sender_id.to_owned(),
                         session_id: session_id.to_owned(),
                         count,
-                        data: data.to_vec(),
+                        data: data.clone(),
                     });
                 }
             }

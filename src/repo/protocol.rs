@@ -245,7 +245,7 @@ impl Connection {
                 document_id: doc.to_string(),
                 session_id,
                 count,
-                data,
+                data: data.to_vec(),
             },
         })
     }
@@ -531,7 +531,7 @@ mod tests {
                 sender_id: sender_id.clone(),
                 session_id: session_id.clone(),
                 count,
-                data: data.clone(),
+                data: data.clone().into(),
             })
             .unwrap();
         assert_eq!(

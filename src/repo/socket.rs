@@ -2,19 +2,21 @@
 //!
 //! Thin by design: frames go into the sans-IO [`Connection`], its actions go to the socket,
 //! the document owners ([`Documents::repo_sync`]) or the [`Hub`]. Validation of uploaded
-//! changes happens here, off the document owner. A peer that cannot keep up with its outbound
-//! queue is closed with 4008 so it reconnects and resyncs; a newer socket of the same peer
-//! closes this one with 1000. Keepalive, the message rate and shutdown belong to the shared
-//! socket loop; on shutdown this socket first waits (briefly) for the changes it forwarded.
+//! changes happens here, off the document owner. The peer's outbound queue is bounded in bytes
+//! (`--max-peer-queue`, counted until the socket has written each message): a peer whose sync
+//! messages no longer fit is closed with 4008 at once, so it reconnects and resyncs; a newer
+//! socket of the same peer closes this one with 1000. Ephemeral messages are relayed only from a
+//! peer that syncs the document on this connection, and only up to `--max-ephemeral`: anyone
+//! else's, or larger ones, would let one client flood every peer of any document it can name.
+//! Keepalive, the message rate, slow sends and shutdown belong to the shared socket loop; on
+//! shutdown this socket first waits (briefly) for the changes it forwarded.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::response::Response;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::forwarded::Forwarded;
@@ -22,7 +24,7 @@ use super::hub::Hub;
 use super::protocol::{Action, Connection};
 use super::wire::RepoMessage;
 use crate::auth::{Access, Principal, Refusal};
-use crate::doc::{ConnId, Documents, Outgoing, PeerLink};
+use crate::doc::{ConnId, Documents, Outgoing, PeerLink, PeerQueue, Queued};
 use crate::id::DocId;
 use crate::limits::ConnectionGuard;
 use crate::state::AppState;
@@ -33,8 +35,6 @@ use crate::transport::upgrade::accept;
 use crate::transport::validate::validate;
 use crate::upload::UploadGate;
 
-/// Messages that may wait for one repo peer.
-const OUTBOUND_QUEUE: usize = 4096;
 /// How long shutdown waits for this socket's forwarded changes to become durable.
 const FORWARDED_WAIT: Duration = Duration::from_secs(3);
 
@@ -66,7 +66,9 @@ struct RepoSocket {
     core: Connection,
     /// The owners' way back to this peer, and its receiving end.
     link: PeerLink,
-    outbound: mpsc::Receiver<Outgoing>,
+    outbound: PeerQueue,
+    /// Largest ephemeral message relayed (`--max-ephemeral`).
+    max_ephemeral: usize,
     /// Cancelled when a newer socket of the same peer joins.
     replaced: CancellationToken,
     /// Documents this peer synced (detached when the socket ends).
@@ -79,25 +81,24 @@ struct RepoSocket {
 
 /// What the server side has for a repo peer.
 enum RepoEvent {
-    Outgoing(Outgoing),
+    Outgoing(Queued),
+    /// A sync message did not fit in the peer's queue.
+    FellBehind,
     Replaced,
 }
 
 impl RepoSocket {
     fn new(state: &AppState, principal: Principal) -> Self {
         let conn = state.docs.next_conn_id();
-        let (tx, outbound) = mpsc::channel(OUTBOUND_QUEUE);
+        let (link, outbound) = PeerLink::new(conn, state.limits.max_peer_queue);
         Self {
             hub: state.hub.clone(),
             docs: state.docs.clone(),
             conn,
             core: Connection::new(state.hub.server_id()),
-            link: PeerLink {
-                conn,
-                tx,
-                overflow: Arc::new(AtomicBool::new(false)),
-            },
+            link,
             outbound,
+            max_ephemeral: state.limits.max_ephemeral,
             replaced: CancellationToken::new(),
             synced: HashSet::new(),
             forwarded: Forwarded::default(),
@@ -168,6 +169,15 @@ impl RepoSocket {
                 {
                     Refusal::Forbidden.count();
                 }
+                Action::Ephemeral { doc, .. } if !self.synced.contains(&doc) => {
+                    // Not a peer of the document: it could flood anyone's peers.
+                    tracing::debug!(doc = %doc, "dropped an ephemeral message from a peer that does not sync the document");
+                    crate::metrics::rejected("ephemeral_not_syncing");
+                }
+                Action::Ephemeral { doc, data, .. } if data.len() > self.max_ephemeral => {
+                    tracing::debug!(doc = %doc, len = data.len(), "dropped an oversize ephemeral message");
+                    crate::metrics::rejected("ephemeral_too_large");
+                }
                 Action::Ephemeral {
                     doc,
                     sender_id,
@@ -181,7 +191,7 @@ impl RepoSocket {
                         &sender_id,
                         &session_id,
                         count,
-                        &data,
+                        data.into(),
                     );
                 }
             }
@@ -192,25 +202,34 @@ impl RepoSocket {
 impl Session for RepoSocket {
     type Event = RepoEvent;
 
-    async fn next_event(&mut self) -> Option<RepoEvent> {
+    async fn next_event(&mut self, room: bool) -> Option<RepoEvent> {
+        // Falling behind and being replaced are noticed even while a send is blocked.
+        let fell_behind = self.outbound.fell_behind();
         tokio::select! {
-            Some(out) = self.outbound.recv() => Some(RepoEvent::Outgoing(out)),
+            Some(queued) = self.outbound.recv(), if room => Some(RepoEvent::Outgoing(queued)),
+            _ = fell_behind => Some(RepoEvent::FellBehind),
             _ = self.replaced.cancelled() => Some(RepoEvent::Replaced),
         }
     }
 
     fn on_event(&mut self, event: RepoEvent, out: &mut Outbox) {
         match event {
-            RepoEvent::Outgoing(_) if self.link.overflow.load(Ordering::Acquire) => {
-                out.close(CLOSE_FELL_BEHIND, "fell behind; reconnect to resync");
-            }
-            RepoEvent::Outgoing(next) => {
+            RepoEvent::Outgoing(Queued { out: next, charge }) => {
                 if let Some(msg) = self.core.outgoing(next) {
-                    out.send(binary(&msg));
+                    // The charge keeps the message counted until it is written.
+                    out.send_holding(binary(&msg), charge);
                 }
             }
+            RepoEvent::FellBehind => {
+                tracing::info!("closing a repo peer whose outbound queue overflowed");
+                crate::metrics::rejected("fell_behind");
+                // What still waits is of no use to a peer that will resync.
+                out.close_now(CLOSE_FELL_BEHIND, "fell behind; reconnect to resync");
+            }
             RepoEvent::Replaced => {
-                out.close(CLOSE_NORMAL, "replaced by a newer connection of this peer");
+                // The peer syncs afresh on its new socket; what waits here is of no use (and
+                // an old socket is often a dead one).
+                out.close_now(CLOSE_NORMAL, "replaced by a newer connection of this peer");
             }
         }
     }

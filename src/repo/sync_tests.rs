@@ -2,18 +2,16 @@
 //! exchanges sync messages with the owner through the sans-IO protocol core. (Push
 //! coalescing is tested with time passed in, in `exchange.rs`.)
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ReadDoc, ROOT};
-use tokio::sync::mpsc;
 
 use super::protocol::{Action, Connection};
 use super::wire::RepoMessage;
-use crate::doc::{DocConfig, Documents, Outgoing, PeerLink, Precondition, ReadOutcome};
+use crate::doc::{DocConfig, Documents, Outgoing, PeerLink, PeerQueue, Precondition, ReadOutcome};
 use crate::id::DocId;
 use crate::storage::MemoryStore;
 use crate::upload::parse_upload;
@@ -23,12 +21,12 @@ struct Peer {
     state: sync::State,
     conn: Connection,
     link: PeerLink,
-    rx: mpsc::Receiver<Outgoing>,
+    rx: PeerQueue,
 }
 
 impl Peer {
     fn new(docs: &Documents, name: &str) -> Self {
-        let (tx, rx) = mpsc::channel(64);
+        let (link, rx) = PeerLink::new(docs.next_conn_id(), 1 << 20);
         let mut conn = Connection::new("server");
         conn.receive(
             &RepoMessage::Join {
@@ -42,11 +40,7 @@ impl Peer {
             doc: AutoCommit::new(),
             state: sync::State::new(),
             conn,
-            link: PeerLink {
-                conn: docs.next_conn_id(),
-                tx,
-                overflow: Arc::new(AtomicBool::new(false)),
-            },
+            link,
             rx,
         }
     }
@@ -93,6 +87,7 @@ impl Peer {
             .await
             .expect("no message from the owner")
             .expect("link closed")
+            .out
     }
 
     /// Runs the exchange until neither side has anything more to say.
@@ -100,7 +95,7 @@ impl Peer {
         self.send(docs, id, false).await;
         loop {
             let out = match tokio::time::timeout(Duration::from_millis(300), self.rx.recv()).await {
-                Ok(Some(out)) => out,
+                Ok(Some(queued)) => queued.out,
                 _ => break,
             };
             if let Outgoing::Sync { data, .. } = out {
