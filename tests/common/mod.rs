@@ -191,3 +191,153 @@ pub fn json_heads(v: &serde_json::Value) -> Vec<String> {
             .collect(),
     )
 }
+
+// ---- access control ------------------------------------------------------------------------
+
+/// How a relay is started beyond its extra arguments (see [`Relay::start_opts`]).
+#[derive(Default, Clone)]
+pub struct SpawnOptions {
+    /// `RUST_LOG` (default `warn`, as [`Relay::start`]).
+    pub rust_log: Option<String>,
+    /// More environment variables.
+    pub env: Vec<(String, String)>,
+    /// Write the relay's stderr to this file instead of inheriting it.
+    pub stderr_file: Option<PathBuf>,
+}
+
+impl Relay {
+    /// Starts the relay with `opts` (a log level, environment, stderr captured to a file).
+    /// `restart()` on the result starts it without those options.
+    pub fn start_opts(dir: &Path, extra: &[&str], opts: &SpawnOptions) -> Relay {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, port) = spawn_opts(dir, &extra, opts);
+        Relay {
+            child,
+            port,
+            data_dir: dir.to_path_buf(),
+            extra,
+        }
+    }
+
+    /// Sends SIGHUP (reload the token file and keys).
+    pub fn sighup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+}
+
+fn spawn_opts(dir: &Path, extra: &[String], opts: &SpawnOptions) -> (Child, u16) {
+    let stderr = match &opts.stderr_file {
+        Some(path) => Stdio::from(std::fs::File::create(path).expect("create stderr file")),
+        None => Stdio::inherit(),
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", opts.rust_log.as_deref().unwrap_or("warn"))
+        .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start relay binary");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listening line");
+    let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+    let Some(port) = port else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = opts
+            .stderr_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        panic!("unexpected first line from relay: {line:?}\nstderr:\n{log}");
+    };
+    (child, port)
+}
+
+/// Hex SHA-256 of a secret, as a `sha256:` line in the token file holds it.
+pub fn sha256_hex(secret: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// An HS256 JWT with these claims, signed with `key`.
+pub fn jwt_hs256(key: &[u8], claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(key).expect("HS256 key"),
+    )
+    .expect("encode JWT")
+}
+
+/// Base64url without padding (JWT segments).
+pub fn b64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// An unsigned JWT (`alg: none`) with these claims.
+pub fn jwt_alg_none(claims: &serde_json::Value) -> String {
+    let header = b64url(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = b64url(claims.to_string().as_bytes());
+    format!("{header}.{body}.")
+}
+
+/// Percent-encodes everything but the unreserved characters (for `?token=`).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `url` with `token=<token>` added to its query.
+pub fn with_query_token(url: &str, token: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}token={}", percent_encode(token))
+}
+
+/// One `[[token]]` entry of a token file; `grants` is the TOML array, e.g.
+/// `[ { ids = "a-*", access = "read" } ]`.
+pub fn token_entry(name: &str, token: &str, grants: &str) -> String {
+    format!("[[token]]\nname = \"{name}\"\ntoken = \"{token}\"\ngrants = {grants}\n\n")
+}
+
+/// `relay_auth_failures_total{reason="..."}` values from a Prometheus text page (absent: 0).
+pub fn auth_failures(metrics: &str, reason: &str) -> u64 {
+    let label = format!("reason=\"{reason}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("relay_auth_failures_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
