@@ -15,20 +15,14 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use automerge::sync::{self, BloomFilter, Have, SyncDoc};
-use automerge::transaction::Transactable;
-use automerge::{AutoCommit, Automerge, ChangeHash, ROOT};
+use automerge::sync::{self, SyncDoc};
+use automerge::{AutoCommit, Automerge, ChangeHash};
 use automerge_relay::RepoMessage;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use futures_util::SinkExt;
+use reqwest::header::{ACCEPT, WWW_AUTHENTICATE};
 use serde_json::json;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use tokio_tungstenite::tungstenite::Message;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const AUDIENCE: &str = "relay-tests";
@@ -384,11 +378,7 @@ impl Ctx {
 const REASONS: [&str; 4] = ["missing", "invalid", "expired", "forbidden"];
 
 /// A refusal as seen on the wire: status, headers, body.
-struct Refusal {
-    status: u16,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
+type Refusal = WsRefusal;
 
 /// What a case saw.
 #[derive(Debug, PartialEq)]
@@ -444,40 +434,13 @@ async fn http_refusal(r: reqwest::Response) -> Refusal {
 
 /// Opens a WebSocket with the credential; a refused upgrade comes back as a [`Refusal`].
 async fn ws_connect(url: String, token: Option<&str>, present: Present) -> Result<Ws, Refusal> {
-    let mut req = url.into_client_request().expect("ws request");
-    if let (Some(t), Present::Header) = (token, present) {
-        req.headers_mut()
-            .insert(AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::Error::Http(resp)) => {
-            let mut headers = HeaderMap::new();
-            for (k, v) in resp.headers() {
-                headers.insert(k.clone(), v.clone());
-            }
-            Err(Refusal {
-                status: resp.status().as_u16(),
-                headers,
-                body: resp.body().as_deref().unwrap_or(&[]).to_vec(),
-            })
-        }
-        Err(e) => panic!("websocket connect failed: {e}"),
-    }
+    let bearer = token.filter(|_| present == Present::Header);
+    ws_connect_auth(&url, bearer).await
 }
 
 /// The next message that is not a ping or pong, within the deadline.
 async fn next_msg(ws: &mut Ws) -> Message {
-    loop {
-        let msg = tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("timed out waiting for a message")
-            .expect("socket ended")
-            .expect("socket error");
-        if !matches!(msg, Message::Ping(_) | Message::Pong(_)) {
-            return msg;
-        }
-    }
+    next_frame(ws, DEADLINE).await.expect("socket ended")
 }
 
 fn heads_of(bytes: &[u8]) -> Vec<ChangeHash> {
@@ -500,92 +463,6 @@ fn one_change(stored: &[u8], text: &str) -> (Vec<u8>, ChangeHash) {
     add_item(&mut doc, text);
     let hash = doc.get_last_local_change().unwrap().hash();
     (doc.save_after(&heads), hash)
-}
-
-// ---- a minimal automerge-repo peer ----------------------------------------------------------
-
-struct Peer {
-    ws: Ws,
-    me: String,
-    server: String,
-}
-
-impl Peer {
-    async fn connect(url: String, token: Option<&str>, present: Present) -> Result<Peer, Refusal> {
-        let mut ws = ws_connect(url, token, present).await?;
-        let me = format!("auth-peer-{}", rand_suffix());
-        let join = RepoMessage::Join {
-            sender_id: me.clone(),
-            peer_metadata: None,
-            supported_protocol_versions: Some(vec!["1".into()]),
-        };
-        ws.send(Message::binary(join.encode())).await.expect("join");
-        loop {
-            match Self::decode(next_msg(&mut ws).await) {
-                RepoMessage::Peer { sender_id, .. } => {
-                    return Ok(Peer {
-                        ws,
-                        me,
-                        server: sender_id,
-                    })
-                }
-                other => panic!("expected peer, got {other:?}"),
-            }
-        }
-    }
-
-    fn decode(msg: Message) -> RepoMessage {
-        match msg {
-            Message::Binary(b) => RepoMessage::decode(&b).expect("repo message decodes"),
-            Message::Close(f) => panic!("repo socket closed: {f:?}"),
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-
-    async fn recv(&mut self) -> RepoMessage {
-        Self::decode(next_msg(&mut self.ws).await)
-    }
-
-    async fn send(&mut self, msg: RepoMessage) {
-        self.ws
-            .send(Message::binary(msg.encode()))
-            .await
-            .expect("send");
-    }
-
-    async fn sync(&mut self, doc: &str, data: Vec<u8>) {
-        let msg = RepoMessage::Sync {
-            sender_id: self.me.clone(),
-            target_id: self.server.clone(),
-            document_id: doc.into(),
-            data,
-        };
-        self.send(msg).await;
-    }
-
-    /// A `request` for `doc` from an empty document.
-    async fn request(&mut self, doc: &str, local: &mut Automerge, state: &mut sync::State) {
-        let first = local
-            .generate_sync_message(state)
-            .expect("a first sync message");
-        let msg = RepoMessage::Request {
-            sender_id: self.me.clone(),
-            target_id: self.server.clone(),
-            document_id: doc.into(),
-            data: first.encode(),
-        };
-        self.send(msg).await;
-    }
-}
-
-fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// The document id of a repo message, if it is about one.
@@ -822,7 +699,12 @@ impl Case {
     async fn repo_find(&self) -> Seen {
         let what = self.what();
         let url = self.ctx.ws_url("/", self.token(), self.present);
-        let mut peer = match Peer::connect(url, self.token(), self.present).await {
+        let mut peer = match RepoPeer::connect(
+            &url,
+            self.token().filter(|_| self.present == Present::Header),
+        )
+        .await
+        {
             Err(r) => return judge_refusal(&r, &what, false),
             Ok(p) => p,
         };
@@ -863,34 +745,18 @@ impl Case {
     async fn repo_edit(&self) -> Seen {
         let what = self.what();
         let url = self.ctx.ws_url("/", self.token(), self.present);
-        let mut peer = match Peer::connect(url, self.token(), self.present).await {
+        let mut peer = match RepoPeer::connect(
+            &url,
+            self.token().filter(|_| self.present == Present::Header),
+        )
+        .await
+        {
             Err(r) => return judge_refusal(&r, &what, false),
             Ok(p) => p,
         };
-        // A peer that holds the stored document plus one change of its own, and knows what the
-        // relay has: its first sync message carries the change.
-        let mut local = Automerge::load(&self.before).unwrap();
-        let relay_heads = local.get_heads();
-        let mut tx = local.transaction();
-        tx.put(ROOT, "edited-by", self.cred.name).unwrap();
-        tx.commit();
-        let ours = local.get_heads()[0];
-        let mut state = sync::State::new();
-        state.their_heads = Some(relay_heads.clone());
-        state.their_need = Some(vec![]);
-        state.their_have = Some(vec![Have {
-            last_sync: relay_heads,
-            bloom: BloomFilter::default(),
-        }]);
-        let msg = local
-            .generate_sync_message(&mut state)
-            .expect("sync message");
-        assert!(
-            !msg.changes.is_empty(),
-            "the sync message carries the change"
-        );
+        let (edit, ours) = sync_edit(&self.before, self.cred.name);
         let forbidden_before = self.ctx.failures().await[3];
-        peer.sync(&self.doc, msg.encode()).await;
+        peer.sync(&self.doc, edit).await;
 
         let expect =
             TABLE.iter().find(|(a, _)| *a == self.action).unwrap().1[column(self.cred.kind)];

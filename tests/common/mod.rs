@@ -341,3 +341,195 @@ pub fn auth_failures(metrics: &str, reason: &str) -> u64 {
         .map(|v| v as u64)
         .sum()
 }
+
+/// A client WebSocket (per-document or automerge-repo).
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A refused WebSocket upgrade: status, headers, body.
+#[derive(Debug)]
+pub struct WsRefusal {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// Opens a WebSocket, with `Authorization: Bearer <bearer>` when given; a refused upgrade
+/// comes back as a [`WsRefusal`].
+pub async fn ws_connect_auth(url: &str, bearer: Option<&str>) -> Result<Ws, WsRefusal> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().expect("ws request");
+    if let Some(t) = bearer {
+        req.headers_mut().insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {t}").parse().expect("header value"),
+        );
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let mut headers = reqwest::header::HeaderMap::new();
+            for (k, v) in resp.headers() {
+                headers.insert(k.clone(), v.clone());
+            }
+            Err(WsRefusal {
+                status: resp.status().as_u16(),
+                headers,
+                body: resp.body().as_deref().unwrap_or(&[]).to_vec(),
+            })
+        }
+        Err(e) => panic!("websocket connect to {url} failed: {e}"),
+    }
+}
+
+/// The next frame that is not a ping or pong; `None` when the socket ended (or failed)
+/// without a close frame. Panics after `timeout`.
+pub async fn next_frame(
+    ws: &mut Ws,
+    timeout: Duration,
+) -> Option<tokio_tungstenite::tungstenite::Message> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let msg = tokio::time::timeout(timeout, ws.next())
+            .await
+            .expect("timed out waiting for a WebSocket message");
+        match msg {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m)) => return Some(m),
+            _ => return None,
+        }
+    }
+}
+
+/// Waits for the close frame's code (skipping other messages) until `deadline`.
+pub async fn close_code(ws: &mut Ws, deadline: Instant) -> Option<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await {
+            Err(_) => panic!("no close frame by the deadline"),
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue,
+            Ok(_) => return None,
+        }
+    }
+}
+
+/// A minimal automerge-repo peer over the relay's repo socket.
+pub struct RepoPeer {
+    pub ws: Ws,
+    pub me: String,
+    pub server: String,
+}
+
+impl RepoPeer {
+    /// Connects (with `bearer` in the header when given: put `?token=` in `url` otherwise),
+    /// joins and waits for the relay's `peer`.
+    pub async fn connect(url: &str, bearer: Option<&str>) -> Result<RepoPeer, WsRefusal> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let ws = ws_connect_auth(url, bearer).await?;
+        let me = format!(
+            "test-peer-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut peer = RepoPeer {
+            ws,
+            me: me.clone(),
+            server: String::new(),
+        };
+        peer.send(automerge_relay::RepoMessage::Join {
+            sender_id: me,
+            peer_metadata: None,
+            supported_protocol_versions: Some(vec!["1".into()]),
+        })
+        .await;
+        match peer.recv().await {
+            automerge_relay::RepoMessage::Peer { sender_id, .. } => peer.server = sender_id,
+            other => panic!("expected peer, got {other:?}"),
+        }
+        Ok(peer)
+    }
+
+    /// The next repo message (panics on a close, after 10 s, or on a frame that is not one).
+    pub async fn recv(&mut self) -> automerge_relay::RepoMessage {
+        use tokio_tungstenite::tungstenite::Message;
+        match next_frame(&mut self.ws, Duration::from_secs(10)).await {
+            Some(Message::Binary(b)) => {
+                automerge_relay::RepoMessage::decode(&b).expect("repo message decodes")
+            }
+            other => panic!("expected a repo message, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, msg: automerge_relay::RepoMessage) {
+        use futures_util::SinkExt;
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::binary(
+                msg.encode(),
+            ))
+            .await
+            .expect("send repo message");
+    }
+
+    pub async fn sync(&mut self, doc: &str, data: Vec<u8>) {
+        let msg = automerge_relay::RepoMessage::Sync {
+            sender_id: self.me.clone(),
+            target_id: self.server.clone(),
+            document_id: doc.into(),
+            data,
+        };
+        self.send(msg).await;
+    }
+
+    /// A `request` for `doc`: the first sync message of `local` with `state`.
+    pub async fn request(
+        &mut self,
+        doc: &str,
+        local: &mut automerge::Automerge,
+        state: &mut automerge::sync::State,
+    ) {
+        use automerge::sync::SyncDoc;
+        let first = local
+            .generate_sync_message(state)
+            .expect("a first sync message");
+        let msg = automerge_relay::RepoMessage::Request {
+            sender_id: self.me.clone(),
+            target_id: self.server.clone(),
+            document_id: doc.into(),
+            data: first.encode(),
+        };
+        self.send(msg).await;
+    }
+}
+
+/// A sync message that carries one new change on top of `stored` (the peer already knows the
+/// relay has `stored`, so its first message holds the change): (the message, the change's hash).
+pub fn sync_edit(stored: &[u8], key: &str) -> (Vec<u8>, automerge::ChangeHash) {
+    use automerge::sync::{BloomFilter, Have, SyncDoc};
+    let mut local = automerge::Automerge::load(stored).expect("stored document loads");
+    let relay_heads = local.get_heads();
+    let mut tx = local.transaction();
+    tx.put(ROOT, key, "edited over the repo protocol")
+        .expect("put");
+    tx.commit();
+    let ours = local.get_heads()[0];
+    let mut state = automerge::sync::State::new();
+    state.their_heads = Some(relay_heads.clone());
+    state.their_need = Some(vec![]);
+    state.their_have = Some(vec![Have {
+        last_sync: relay_heads,
+        bloom: BloomFilter::default(),
+    }]);
+    let msg = local
+        .generate_sync_message(&mut state)
+        .expect("sync message");
+    assert!(
+        !msg.changes.is_empty(),
+        "the sync message carries the change"
+    );
+    (msg.encode(), ours)
+}
