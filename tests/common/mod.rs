@@ -279,7 +279,7 @@ pub fn jwt_hs256(key: &[u8], claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         claims,
-        &jsonwebtoken::EncodingKey::from_secret(key).expect("HS256 key"),
+        &jsonwebtoken::EncodingKey::from_secret(key),
     )
     .expect("encode JWT")
 }
