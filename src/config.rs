@@ -23,17 +23,55 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server (what running with no subcommand does).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Print a new random secret and the --auth-tokens entry that accepts it (starts no
+    /// server).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// The entry's name, shown in logs and metrics instead of the secret.
+    #[arg(long, default_value = "my-device")]
+    pub name: String,
+}
+
+/// What the binary was asked to do.
+pub enum Run {
+    Serve(Box<ServeArgs>),
+    /// `automerge-relay token`.
+    Token {
+        name: String,
+    },
 }
 
 impl Cli {
-    /// The serve arguments, whether given with or without the `serve` subcommand.
-    pub fn into_serve_args(self) -> ServeArgs {
+    /// The command, with serving whether or not `serve` was spelled out.
+    pub fn into_command(self) -> Run {
         match self.command {
-            Some(Command::Serve(args)) => args,
-            None => self.serve,
+            Some(Command::Serve(args)) => Run::Serve(args),
+            Some(Command::Token(args)) => Run::Token { name: args.name },
+            None => Run::Serve(Box::new(self.serve)),
         }
     }
+}
+
+impl Run {
+    /// The serve arguments, or for `token` what it prints instead. (lib.rs re-exports only
+    /// `Cli`, so the binary cannot match on `Run` itself.)
+    pub fn into_serve_args(self) -> Result<ServeArgs, TokenPrintout> {
+        match self {
+            Run::Serve(args) => Ok(*args),
+            Run::Token { name } => Err(TokenPrintout {
+                text: crate::auth::token_printout(&name),
+            }),
+        }
+    }
+}
+
+/// What `automerge-relay token` prints: the secret and its entry, or why none could be made.
+pub struct TokenPrintout {
+    pub text: Result<String, String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,9 +110,27 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MAX_DOC_SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_doc_size: usize,
 
-    /// Live connections (WebSocket and SSE) the server accepts in all; more get 503.
+    /// Largest size one upload may decode to (Automerge compresses its columns, so a small
+    /// body can inflate a lot); past it the upload gets 413 before it is loaded. Default:
+    /// --max-doc-size.
+    #[arg(long, env = "RELAY_MAX_DECODED_UPLOAD", value_parser = parse_size)]
+    pub max_decoded_upload: Option<usize>,
+
+    /// Scratch memory all uploads being validated at once may use (about twice each one's
+    /// decoded size); past it validations queue.
+    #[arg(long, env = "RELAY_VALIDATION_MEMORY", default_value = "256MiB", value_parser = parse_size)]
+    pub validation_memory: usize,
+
+    /// Connections the server keeps open in all: HTTP, WebSocket and SSE. Past it a few more
+    /// get answers to /_/health and 503 otherwise; the rest are closed. Lowered at start to
+    /// fit the file-descriptor limit (raised to the hard limit first).
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Seconds a client has to send a request's headers; an idle keep-alive connection is
+    /// closed after this long too.
+    #[arg(long, env = "RELAY_HEADER_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_timeout_secs: u64,
 
     /// Live per-document WebSocket and SSE connections to one document; more get 503.
     #[arg(long, env = "RELAY_MAX_DOC_CONNECTIONS", default_value_t = 2_000)]
@@ -188,14 +244,43 @@ mod tests {
         assert!(parse_size("12 parsecs").is_err());
     }
 
+    fn serve_args(cli: Cli) -> ServeArgs {
+        match cli.into_command() {
+            Run::Serve(args) => *args,
+            Run::Token { .. } => panic!("expected serve"),
+        }
+    }
+
     #[test]
     fn defaults_match_the_contract() {
         let cli = Cli::parse_from(["automerge-relay"]);
-        let args = cli.into_serve_args();
+        let args = serve_args(cli);
         assert_eq!(args.listen, "127.0.0.1:5000");
         assert_eq!(args.data_dir, PathBuf::from("./relay-data"));
         assert_eq!(args.max_body, 16 << 20);
         let cli = Cli::parse_from(["automerge-relay", "serve", "--listen", "127.0.0.1:0"]);
-        assert_eq!(cli.into_serve_args().listen, "127.0.0.1:0");
+        assert_eq!(serve_args(cli).listen, "127.0.0.1:0");
+    }
+
+    #[test]
+    fn the_token_subcommand_takes_a_name_and_no_serve_flags() {
+        let name = |cli: Cli| match cli.into_command() {
+            Run::Token { name } => name,
+            Run::Serve(_) => panic!("expected token"),
+        };
+        assert_eq!(
+            name(Cli::parse_from(["automerge-relay", "token"])),
+            "my-device"
+        );
+        let cli = Cli::parse_from(["automerge-relay", "token", "--name", "alice-laptop"]);
+        assert_eq!(name(cli), "alice-laptop");
+        let with_serve_flag = ["automerge-relay", "token", "--listen", "0.0.0.0:5000"];
+        assert!(Cli::try_parse_from(with_serve_flag).is_err());
+        let printout = Cli::parse_from(["automerge-relay", "token"])
+            .into_command()
+            .into_serve_args()
+            .err()
+            .map(|p| p.text);
+        assert!(matches!(printout, Some(Ok(text)) if text.contains("name = \"my-device\"")));
     }
 }

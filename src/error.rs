@@ -25,6 +25,8 @@ pub enum RelayError {
     NoChanges,
     #[error("the body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("the upload decodes to more than the limit of {limit} bytes; nothing was stored")]
+    DecodedTooLarge { limit: u64 },
     #[error("the merged document would exceed the limit of {limit} bytes; nothing was stored")]
     DocTooLarge { limit: u64 },
     #[error("too many live connections ({0}); try again later")]
@@ -58,7 +60,7 @@ impl RelayError {
             RelayError::EmptyBody => "empty_body",
             RelayError::InvalidBody(_) => "invalid_automerge",
             RelayError::NoChanges => "no_changes",
-            RelayError::TooLarge { .. } => "too_large",
+            RelayError::TooLarge { .. } | RelayError::DecodedTooLarge { .. } => "too_large",
             RelayError::DocTooLarge { .. } => "document_too_large",
             RelayError::TooManyConnections(_) => "too_many_connections",
             RelayError::PreconditionFailed => "precondition_failed",
@@ -84,9 +86,9 @@ impl RelayError {
             RelayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             RelayError::Forbidden(_) => StatusCode::FORBIDDEN,
             RelayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            RelayError::TooLarge { .. } | RelayError::DocTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            RelayError::TooLarge { .. }
+            | RelayError::DecodedTooLarge { .. }
+            | RelayError::DocTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             RelayError::Storage(_) | RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -100,6 +102,40 @@ impl RelayError {
     }
 }
 
+/// Refusals logged per second at most; the rest are counted and reported with the next line.
+const REFUSAL_LINES_PER_SEC: u32 = 20;
+
+/// Whether a refusal may be logged now (a flood of bad requests must not flood the log); the
+/// number of refusals left unlogged since the last line.
+fn refusal_log_slot() -> Option<u64> {
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+    struct Window {
+        start: Instant,
+        lines: u32,
+        suppressed: u64,
+    }
+    static WINDOW: OnceLock<Mutex<Window>> = OnceLock::new();
+    let window = WINDOW.get_or_init(|| {
+        Mutex::new(Window {
+            start: Instant::now(),
+            lines: 0,
+            suppressed: 0,
+        })
+    });
+    let mut w = window.lock().ok()?;
+    if w.start.elapsed() >= Duration::from_secs(1) {
+        w.start = Instant::now();
+        w.lines = 0;
+    }
+    if w.lines >= REFUSAL_LINES_PER_SEC {
+        w.suppressed += 1;
+        return None;
+    }
+    w.lines += 1;
+    Some(std::mem::take(&mut w.suppressed))
+}
+
 impl IntoResponse for RelayError {
     fn into_response(self) -> Response {
         crate::metrics::rejected(self.code());
@@ -110,8 +146,8 @@ impl IntoResponse for RelayError {
             tracing::warn!(error = %self, "limit reached");
         } else if self.status().is_server_error() {
             tracing::error!(error = %self, "request failed");
-        } else {
-            tracing::debug!(error = %self, "request rejected");
+        } else if let Some(suppressed) = refusal_log_slot() {
+            tracing::info!(code = self.code(), error = %self, suppressed, "request refused");
         }
         let mut resp = (self.status(), Json(self.body())).into_response();
         if matches!(self, RelayError::Unauthorized(_)) {

@@ -14,10 +14,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::auth::Access;
 use crate::doc::{parse_heads, Precondition, ReadOutcome};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::state::AppState;
+use crate::transport::caller::Caller;
 use crate::transport::outcome::{outcome_json, write_status};
 use crate::transport::request::{doc_id, read_body};
 use crate::transport::validate::validate;
@@ -60,42 +62,50 @@ pub async fn get_doc(
     Ok(resp)
 }
 
-fn precondition(headers: &HeaderMap) -> Precondition {
-    let list = |name| -> Vec<String> {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .collect()
+/// The write's precondition. A value that is not text cannot be an ETag: 400, rather than
+/// ignoring the condition and writing unconditionally.
+fn precondition(headers: &HeaderMap) -> Result<Precondition, RelayError> {
+    let list = |name: header::HeaderName| -> Result<Vec<String>, RelayError> {
+        let mut tags = Vec::new();
+        for value in headers.get_all(&name) {
+            let text = value.to_str().map_err(|_| {
+                RelayError::BadRequest(format!("{name} must hold ETags (ASCII text)"))
+            })?;
+            tags.extend(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        Ok(tags)
     };
-    let if_match = list(header::IF_MATCH);
+    let if_match = list(header::IF_MATCH)?;
     if !if_match.is_empty() {
-        return Precondition::IfMatch(if_match);
+        return Ok(Precondition::IfMatch(if_match));
     }
-    if list(header::IF_NONE_MATCH).iter().any(|t| t == "*") {
-        return Precondition::IfNoneMatchAny;
+    if list(header::IF_NONE_MATCH)?.iter().any(|t| t == "*") {
+        return Ok(Precondition::IfNoneMatchAny);
     }
-    Precondition::None
+    Ok(Precondition::None)
 }
 
 /// `PUT /{id}` and `POST /{id}`: merge the body (never overwrites).
 pub async fn put_doc(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, RelayError> {
-    // Read the body first (bounded), so an error answer leaves the connection reusable.
-    let bytes = read_body(&headers, body, state.limits.max_body).await?;
+    // The grant first: a caller without one does not get its body read. Then the body
+    // (bounded), so any other error answer leaves the connection reusable.
     let id = doc_id(path)?;
-    let upload = validate(&state.docs, &id, bytes).await?;
-    let outcome = state
-        .docs
-        .write(&id, upload, precondition(&headers), None)
-        .await?;
+    caller.require(&id, Access::Write)?;
+    let precondition = precondition(&headers)?;
+    let bytes = read_body(&headers, body, state.limits.max_body).await?;
+    let upload = validate(&state.uploads, &state.docs, &id, bytes).await?;
+    let outcome = state.docs.write(&id, upload, precondition, None).await?;
     let mut resp = (write_status(&outcome), Json(outcome_json(&outcome))).into_response();
     if let Ok(v) = HeaderValue::from_str(&outcome.etag) {
         resp.headers_mut().insert(header::ETAG, v);
@@ -106,9 +116,11 @@ pub async fn put_doc(
 /// `DELETE /{id}`: 204, or 404 when there was nothing to delete.
 pub async fn delete_doc(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, RelayError> {
     let id = doc_id(path)?;
+    caller.require(&id, Access::Write)?;
     if state.docs.delete(&id).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

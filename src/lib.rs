@@ -14,6 +14,7 @@
 //! Every module is private: the items below are what the binary, the tests, the benchmarks and
 //! the fuzz targets use.
 
+mod accept;
 mod alloc;
 mod auth;
 mod config;

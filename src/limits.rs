@@ -19,6 +19,8 @@ pub struct ConnectionLimits {
     max_per_doc: usize,
     total: AtomicUsize,
     per_doc: DashMap<DocId, usize>,
+    /// Slots of upgraded sockets: connections the HTTP accept loop no longer counts.
+    sockets: AtomicUsize,
 }
 
 /// Holds one connection slot; released on drop.
@@ -26,6 +28,7 @@ pub struct ConnectionLimits {
 pub struct ConnectionGuard {
     limits: Arc<ConnectionLimits>,
     doc: Option<DocId>,
+    socket: bool,
 }
 
 impl ConnectionLimits {
@@ -35,7 +38,13 @@ impl ConnectionLimits {
             max_per_doc,
             total: AtomicUsize::new(0),
             per_doc: DashMap::new(),
+            sockets: AtomicUsize::new(0),
         })
+    }
+
+    /// Live WebSockets (upgraded: no longer HTTP connections).
+    pub fn sockets(&self) -> usize {
+        self.sockets.load(Ordering::Acquire)
     }
 
     /// Takes a slot for a connection (to `doc`, for per-document connections).
@@ -57,6 +66,7 @@ impl ConnectionLimits {
         Ok(ConnectionGuard {
             limits: self.clone(),
             doc: doc.cloned(),
+            socket: false,
         })
     }
 
@@ -66,9 +76,23 @@ impl ConnectionLimits {
     }
 }
 
+impl ConnectionGuard {
+    /// Marks the slot as a WebSocket's: once upgraded, the connection is counted here only.
+    pub fn socket(mut self) -> Self {
+        if !self.socket {
+            self.socket = true;
+            self.limits.sockets.fetch_add(1, Ordering::AcqRel);
+        }
+        self
+    }
+}
+
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
+        if self.socket {
+            self.limits.sockets.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Some(doc) = &self.doc {
             self.limits.per_doc.remove_if_mut(doc, |_, count| {
                 *count = count.saturating_sub(1);

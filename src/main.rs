@@ -1,4 +1,8 @@
-//! The `automerge-relay` binary: parse flags, set up logging, run until a signal.
+//! The `automerge-relay` binary: parse flags, set up logging, run until a signal; or, for
+//! `automerge-relay token`, print a new token and exit (no runtime, no logging, no server).
+
+use std::future::Future;
+use std::io::IsTerminal;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -7,13 +11,33 @@ use tracing_subscriber::EnvFilter;
 use automerge_relay::Cli;
 
 fn main() -> std::process::ExitCode {
+    let args = match Cli::parse().into_command().into_serve_args() {
+        Ok(args) => args,
+        Err(token) => {
+            return match token.text {
+                Ok(text) => {
+                    print!("{text}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("automerge-relay token: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    };
     // Before the runtime starts its threads.
     automerge_relay::tune_allocator();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(run()),
+        Ok(runtime) => {
+            // Nothing runs until `run` polls it, after logging is set up.
+            let token = CancellationToken::new();
+            let serving = automerge_relay::run(args, token.clone());
+            runtime.block_on(run(serving, token))
+        }
         Err(e) => {
             eprintln!("automerge-relay: cannot start the async runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -21,32 +45,45 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> std::process::ExitCode {
-    let from_env = std::env::var("RUST_LOG").unwrap_or_default();
-    let mut filter = EnvFilter::try_new(&from_env).unwrap_or_else(|_| EnvFilter::new("info"));
-    if from_env.is_empty() {
-        filter = EnvFilter::new("info");
-    }
-    if !from_env.contains("automerge=") {
-        // automerge logs every strict-validation rejection (e.g. "missing deps") at ERROR
-        // level; those are expected client input, reported by the relay itself.
-        if let Ok(d) = "automerge=off".parse() {
-            filter = filter.add_directive(d);
+/// The relay's own events at `info` by default (or what `RUST_LOG` says), automerge quiet.
+///
+/// automerge logs every strict-validation rejection (e.g. "missing deps") at ERROR level;
+/// those are expected client input, reported by the relay itself. Its events have targets
+/// `automerge::…`: a directive for plain `automerge` would also silence `automerge_relay`,
+/// whose targets share that prefix (it did: the relay logged nothing of its own).
+fn log_filter(from_env: &str) -> EnvFilter {
+    let mut filter = if from_env.trim().is_empty() {
+        EnvFilter::new("info")
+    } else {
+        EnvFilter::try_new(from_env).unwrap_or_else(|e| {
+            eprintln!("automerge-relay: RUST_LOG={from_env:?} is not a filter ({e}); using info");
+            EnvFilter::new("info")
+        })
+    };
+    if !from_env.contains("automerge::") && !from_env.contains("automerge=") {
+        if let Ok(quiet) = "automerge::=off".parse() {
+            filter = filter.add_directive(quiet);
         }
     }
+    filter
+}
+
+async fn run(
+    serving: impl Future<Output = Result<(), automerge_relay::ServeError>>,
+    token: CancellationToken,
+) -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(&std::env::var("RUST_LOG").unwrap_or_default()))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let args = Cli::parse().into_serve_args();
     automerge_relay::spawn_trimmer();
-    let token = CancellationToken::new();
     let signal_token = token.clone();
     tokio::spawn(async move {
         automerge_relay::shutdown_signal().await;
         signal_token.cancel();
     });
-    match automerge_relay::run(args, token).await {
+    match serving.await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "automerge-relay failed");

@@ -1,5 +1,6 @@
 //! The server's own routes under `/_/`: health, readiness, stats, Prometheus metrics and the
-//! document listing. Not a transport of documents; they report on the server.
+//! document listing. Not a transport of documents; they report on the server. Health and
+//! readiness are always open (load balancers probe them); the rest needs an admin token.
 
 use std::collections::HashMap;
 
@@ -13,6 +14,7 @@ use serde_json::json;
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::state::AppState;
+use crate::transport::caller::Caller;
 
 pub async fn health() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
@@ -38,16 +40,26 @@ struct StatsBody {
     heap: Option<crate::alloc::HeapUsage>,
 }
 
-pub async fn stats(State(state): State<AppState>) -> impl IntoResponse {
-    Json(StatsBody {
+pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Response, RelayError> {
+    caller.require_server_admin()?;
+    Ok(Json(StatsBody {
         docs: state.docs.stats(),
         heap: crate::alloc::heap_usage(),
     })
+    .into_response())
 }
 
-pub async fn prometheus(State(state): State<AppState>) -> Response {
+/// Prometheus metrics: admin only, unless `--metrics-public` (they hold no secrets and no
+/// document contents, but they do show the server's load).
+pub async fn prometheus(
+    State(state): State<AppState>,
+    caller: Result<Caller, RelayError>,
+) -> Result<Response, RelayError> {
+    if !state.metrics_public {
+        caller?.require_server_admin()?;
+    }
     let Some(handle) = &state.metrics else {
-        return RelayError::NoRoute.into_response();
+        return Err(RelayError::NoRoute);
     };
     let s = state.docs.stats();
     metrics::gauge!("relay_documents_hot").set(s.hot_documents as f64);
@@ -55,17 +67,19 @@ pub async fn prometheus(State(state): State<AppState>) -> Response {
     metrics::gauge!("relay_connections").set(state.limits.connections.live() as f64);
     metrics::gauge!("relay_subscribers").set(state.followers.count() as f64);
     metrics::gauge!("relay_repo_peers").set(state.hub.peer_count() as f64);
-    (
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),
     )
-        .into_response()
+        .into_response())
 }
 
 pub async fn list_docs(
     State(state): State<AppState>,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, RelayError> {
+    caller.require_server_admin()?;
     let after = q.get("after").map(|a| DocId::parse(a)).transpose()?;
     let limit = match q.get("limit") {
         Some(l) => l

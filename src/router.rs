@@ -7,6 +7,7 @@
 //! else a short description of the API. Live connections take a connection slot first.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -20,8 +21,10 @@ use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Access;
 use crate::error::RelayError;
 use crate::state::AppState;
+use crate::transport::caller::Caller;
 use crate::transport::request::doc_id;
 use crate::{http, ops, repo, sse, ws_doc};
 
@@ -40,17 +43,16 @@ Ids: 1-128 characters of A-Z a-z 0-9 . _ ~ -, not starting with _ or .
 
 /// Builds the router with CORS and request tracing.
 pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String> {
-    let origin = if cors_origins.is_empty() {
+    let allowed = cors_origins
+        .iter()
+        .map(|o| HeaderValue::from_str(o.trim()).map_err(|_| format!("bad --cors-origin {o:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let origin = if allowed.is_empty() {
         AllowOrigin::any()
     } else {
-        let list = cors_origins
-            .iter()
-            .map(|o| {
-                HeaderValue::from_str(o.trim()).map_err(|_| format!("bad --cors-origin {o:?}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        AllowOrigin::list(list)
+        AllowOrigin::list(allowed.clone())
     };
+    let allowed = Arc::new(allowed);
     let cors = CorsLayer::new()
         .allow_origin(origin)
         .allow_methods([
@@ -89,43 +91,75 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            only_allowed_origins(allowed.clone(), req, next)
+        }))
         .layer(cors)
-        // Failures are logged by RelayError itself, at the level they deserve.
-        .layer(TraceLayer::new_for_http().on_failure(())))
+        // Failures are logged by RelayError itself, at the level they deserve. Spans name the
+        // path only: a query may carry a token.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<_>| {
+                    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+                })
+                .on_failure(()),
+        ))
 }
 
 /// `GET /`: the automerge-repo socket, or what this server is.
 async fn root(
     State(state): State<AppState>,
+    caller: Result<Caller, RelayError>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    match ws {
-        Ok(ws) => match state.limits.connections.acquire(None) {
-            Ok(slot) => repo::socket::upgrade(ws, state, slot),
-            Err(e) => e.into_response(),
-        },
-        Err(_) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ABOUT).into_response(),
-    }
+) -> Result<Response, RelayError> {
+    let Ok(ws) = ws else {
+        let about = ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ABOUT);
+        return Ok(about.into_response());
+    };
+    // The token is checked before the upgrade; each document's grant per message.
+    let Caller(principal) = caller?;
+    let slot = state.limits.connections.acquire(None)?.socket();
+    Ok(repo::socket::upgrade(ws, state, slot, principal))
 }
 
 /// `GET /{id}`: a live socket, an event stream or the document.
 async fn get_doc(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, RelayError> {
     let id = doc_id(path)?;
+    // Reading covers subscribing; a read-only WebSocket client's uploads are refused there.
+    caller.require(&id, Access::Read)?;
     if let Ok(ws) = ws {
-        let slot = state.limits.connections.acquire(Some(&id))?;
-        return Ok(ws_doc::upgrade(ws, state, id, slot));
+        let slot = state.limits.connections.acquire(Some(&id))?.socket();
+        return Ok(ws_doc::upgrade(ws, state, id, slot, caller.0));
     }
     if sse::wants_sse(&headers) {
         let slot = state.limits.connections.acquire(Some(&id))?;
-        return sse::stream(state, id, slot).await;
+        return sse::stream(state, id, slot, caller.expires_at()).await;
     }
     http::get_doc(&state, id, &query, &headers).await
+}
+
+/// With `--cors-origin`, a request from another origin is refused (403) whatever its method —
+/// a browser sends a simple POST or a WebSocket upgrade without asking first. Requests with no
+/// `Origin` (not from a browser page) pass; preflights are answered by the CORS layer.
+async fn only_allowed_origins(
+    allowed: Arc<Vec<HeaderValue>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        if !allowed.is_empty() && !allowed.contains(origin) {
+            return RelayError::Forbidden("requests from this origin are not allowed")
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn no_route() -> RelayError {

@@ -3,7 +3,8 @@
 //! One `change` event per merged batch, data `{"heads":[...]}` (clients fetch `?since=` for the
 //! bytes); `deleted` when the document is deleted, then the stream ends. A subscriber that fell
 //! behind gets one `change` event with the latest heads instead of the ones it missed.
-//! A keep-alive comment goes out every `--ping-secs`, like the WebSocket pings.
+//! A keep-alive comment goes out every `--ping-secs`, like the WebSocket pings. The stream ends
+//! when the caller's token expires (the client reconnects with a fresh one).
 
 use std::convert::Infallible;
 
@@ -16,6 +17,7 @@ use crate::error::RelayError;
 use crate::id::DocId;
 use crate::live::{Delivery, Follower};
 use crate::state::AppState;
+use crate::transport::caller::expiry;
 use crate::transport::outcome::heads_json;
 
 /// True when the request asks for an event stream.
@@ -27,10 +29,13 @@ pub fn wants_sse(headers: &axum::http::HeaderMap) -> bool {
         .any(|v| v.contains("text/event-stream"))
 }
 
+/// Streams `id`'s changes to a caller who may read it (checked by the router), until the
+/// document is deleted, the server shuts down or the caller's token expires (`expires_at`).
 pub async fn stream(
     state: AppState,
     id: DocId,
     slot: crate::limits::ConnectionGuard,
+    expires_at: Option<tokio::time::Instant>,
 ) -> Result<Response, RelayError> {
     // Subscribe before answering: once the client sees the headers, no change is missed.
     let (follower, _) = Follower::subscribe(
@@ -53,6 +58,10 @@ pub async fn stream(
                 let next = tokio::select! {
                     n = follower.next() => n,
                     _ = shutdown.cancelled() => return None,
+                    _ = expiry(expires_at) => {
+                        crate::auth::Refusal::Expired.count();
+                        return None;
+                    }
                 };
                 let (event, done) = match next {
                     Ok(Some(Delivery::Changes { heads, .. })) => (

@@ -9,10 +9,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::doc::Documents;
 use crate::limits::ConnectionLimits;
 use crate::live::Followers;
 use crate::repo::hub::Hub;
+use crate::upload::UploadGate;
 
 /// Shared state of every route.
 #[derive(Clone)]
@@ -29,6 +31,12 @@ pub struct AppState {
     pub followers: Followers,
     /// Renders `/_/metrics` (absent when no recorder could be installed).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The credentials every request is checked against.
+    pub auth: Arc<Auth>,
+    /// `/_/metrics` needs no token (`--metrics-public`).
+    pub metrics_public: bool,
+    /// Bounds on uploads being validated (decoded size, scratch memory).
+    pub uploads: Arc<UploadGate>,
 }
 
 /// Limits and tuning the transports need.

@@ -16,36 +16,45 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::doc::{ConnId, Documents, Precondition};
+use crate::auth::{Access, Principal};
+use crate::doc::{ConnId, Precondition};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::limits::ConnectionGuard;
 use crate::live::{Delivery, Follower};
 use crate::state::AppState;
+use crate::transport::caller::{expires_at, forbidden};
 use crate::transport::close::{CLOSE_DELETED, CLOSE_INTERNAL};
 use crate::transport::outcome::ack_json;
 use crate::transport::socket_loop::{Frame, Outbox, Session};
 use crate::transport::upgrade::accept;
 use crate::transport::validate::validate;
 
+/// Upgrades a caller who may read `id` (checked by the router); it may upload only with a
+/// write grant, and the socket closes (4401) when its token expires.
 pub fn upgrade(
     ws: WebSocketUpgrade,
     state: AppState,
     id: DocId,
     slot: ConnectionGuard,
+    principal: Principal,
 ) -> Response {
-    let span = tracing::info_span!("doc_socket", doc = %id);
+    let span = tracing::info_span!("doc_socket", doc = %id, caller = %principal.name);
+    let expires_at = expires_at(&principal);
     let session = DocSocket {
         state: state.clone(),
+        may_write: principal.may(id.as_str(), Access::Write),
         id,
         follower: None,
     };
-    accept(ws, &state, slot, span, session)
+    accept(ws, &state, slot, span, expires_at, session)
 }
 
 struct DocSocket {
     state: AppState,
     id: DocId,
+    /// The caller's token has a write grant for this document.
+    may_write: bool,
     /// Set once subscribed (in `open`).
     follower: Option<Follower>,
 }
@@ -94,9 +103,15 @@ impl Session for DocSocket {
 
     async fn on_frame(&mut self, frame: Frame, out: &mut Outbox) {
         match frame {
+            Frame::Binary(_) if !self.may_write => {
+                // Nothing is stored; the socket stays open for reading.
+                out.send(error_message(&forbidden(
+                    "this token may only read this document; the upload was not stored",
+                )));
+            }
             Frame::Binary(data) => {
                 let origin = self.follower.as_ref().map(Follower::conn);
-                let write = write_one(self.state.docs.clone(), self.id.clone(), origin, data);
+                let write = write_one(self.state.clone(), self.id.clone(), origin, data);
                 out.reply_later(write);
             }
             Frame::Text => {
@@ -108,10 +123,13 @@ impl Session for DocSocket {
 }
 
 /// Validates and merges one upload; its ack, or the error (the socket stays usable).
-async fn write_one(docs: Documents, id: DocId, origin: Option<ConnId>, data: Bytes) -> Message {
+async fn write_one(state: AppState, id: DocId, origin: Option<ConnId>, data: Bytes) -> Message {
     let written = async {
-        let upload = validate(&docs, &id, data).await?;
-        docs.write(&id, upload, Precondition::None, origin).await
+        let upload = validate(&state.uploads, &state.docs, &id, data).await?;
+        state
+            .docs
+            .write(&id, upload, Precondition::None, origin)
+            .await
     };
     match written.await {
         Ok(outcome) => text(ack_json(&outcome)),

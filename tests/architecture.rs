@@ -8,26 +8,37 @@ use std::path::{Path, PathBuf};
 /// Top-level module → the top-level modules it may use. Keep in step with ARCHITECTURE.md.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("alloc", &[]),
-    ("config", &[]),
+    ("accept", &["error", "limits", "metrics"]),
     ("metrics", &[]),
     ("error", &["metrics"]),
     ("id", &["error"]),
+    ("auth", &["id", "metrics"]),
+    ("config", &["auth"]),
     ("upload", &["error"]),
     ("limits", &["error", "id"]),
     ("storage", &["id"]),
     ("doc", &["storage", "upload", "id", "error", "metrics"]),
     ("live", &["doc", "error", "id"]),
     ("repo", &["doc", "upload", "id", "error"]),
-    ("state", &["doc", "limits", "live", "repo"]),
+    (
+        "state",
+        &["upload", "auth", "doc", "limits", "live", "repo"],
+    ),
     (
         "transport",
-        &["state", "doc", "limits", "upload", "error", "id", "metrics"],
+        &[
+            "auth", "state", "doc", "limits", "upload", "error", "id", "metrics",
+        ],
     ),
-    ("http", &["transport", "state", "doc", "error", "id"]),
+    (
+        "http",
+        &["transport", "auth", "state", "doc", "error", "id"],
+    ),
     (
         "ws_doc",
         &[
             "transport",
+            "auth",
             "state",
             "doc",
             "live",
@@ -39,12 +50,23 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "sse",
-        &["transport", "state", "doc", "live", "limits", "error", "id"],
+        &[
+            "transport",
+            "auth",
+            "state",
+            "doc",
+            "live",
+            "limits",
+            "error",
+            "id",
+        ],
     ),
     (
         "repo::socket",
         &[
+            "upload",
             "transport",
+            "auth",
             "state",
             "doc",
             "repo",
@@ -54,7 +76,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "metrics",
         ],
     ),
-    ("ops", &["state", "doc", "alloc", "error", "id"]),
+    (
+        "ops",
+        &["transport", "state", "doc", "alloc", "error", "id"],
+    ),
     (
         "router",
         &[
@@ -64,15 +89,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "repo::socket",
             "repo",
             "ops",
-            "state",
             "transport",
+            "auth",
+            "state",
             "error",
         ],
     ),
     (
         "server",
         &[
-            "config", "doc", "state", "router", "limits", "live", "repo", "storage", "metrics",
+            "accept", "upload", "auth", "config", "doc", "state", "router", "limits", "live",
+            "repo", "storage", "metrics",
         ],
     ),
 ];

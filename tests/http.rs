@@ -446,6 +446,23 @@ async fn compare_and_set_and_delete() {
     let url = relay.url("/cas");
     let mut doc = base_doc();
 
+    // An If-Match that is not text is a bad request, not an unconditional write.
+    let r = c
+        .put(&url)
+        .header(
+            "if-match",
+            reqwest::header::HeaderValue::from_bytes(b"\"\xff\xfe\"").unwrap(),
+        )
+        .body(doc.save())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        c.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+
     // If-Match on a missing document fails.
     let r = c
         .put(&url)
@@ -598,4 +615,40 @@ async fn cors_origin_can_be_restricted() {
         .await
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    // A simple POST (no preflight) from another origin is refused and stores nothing; from
+    // the allowed origin, or without an Origin, it goes through.
+    let doc = base_doc().save();
+    let url = relay.url("/origin-doc");
+    let post_from = |origin: Option<&'static str>| {
+        let mut req = c.post(&url).body(doc.clone());
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        req.send()
+    };
+    let r = post_from(Some("http://evil.example")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "forbidden");
+    assert_eq!(
+        c.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let r = post_from(Some("http://good.example")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = post_from(None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // So is a WebSocket upgrade from another origin.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = relay.ws_url("/origin-doc").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "http://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN)
+        }
+        other => panic!("upgrade from another origin: {other:?}"),
+    }
 }

@@ -171,7 +171,12 @@ async fn a_socket_over_its_message_rate_is_closed_with_1008() {
 #[tokio::test]
 async fn a_write_past_the_document_size_limit_gets_413_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start_with(dir.path(), &["--max-doc-size", "8KiB"]);
+    // Uploads may decode to more than the document may grow to (the default limit is the
+    // document size): this checks the stored size.
+    let relay = Relay::start_with(
+        dir.path(),
+        &["--max-doc-size", "8KiB", "--max-decoded-upload", "1MiB"],
+    );
     let c = reqwest::Client::new();
     let url = relay.url("/bounded");
     let mut doc = base_doc();
@@ -243,4 +248,158 @@ async fn prometheus_metrics_cover_batches_storage_and_rejections() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_inflation_bomb_is_refused_before_it_is_loaded_or_stored() {
+    use automerge::transaction::Transactable;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-decoded-upload", "8MiB"]);
+    // A small save of 32 MiB of zeros.
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "zeros", "\0".repeat(32 << 20))
+        .unwrap();
+    let bomb = doc.save();
+    assert!(bomb.len() < 1 << 20, "{} bytes on the wire", bomb.len());
+    let before = rss_kib(relay.child.id());
+    let c = reqwest::Client::new();
+    let sends = (0..8).map(|i| {
+        let (c, url, body) = (c.clone(), relay.url(&format!("/bomb-{i}")), bomb.clone());
+        async move { c.post(url).body(body).send().await.unwrap() }
+    });
+    for r in futures_util::future::join_all(sends).await {
+        assert_eq!(r.status(), 413);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "too_large", "{body}");
+    }
+    let after = rss_kib(relay.child.id());
+    // Eight loads would have taken several hundred MiB; counting inflated bytes takes none.
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    for i in 0..8 {
+        let r = c
+            .get(relay.url(&format!("/bomb-{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "nothing stored");
+    }
+}
+
+#[test]
+fn a_client_still_sending_an_oversize_body_reads_the_413() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-body", "1MiB"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let len = 8usize << 20;
+    write!(
+        s,
+        "POST /big HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    // Like Node's fetch: the whole body goes out before the response is read. Every write
+    // must succeed (the server reads it all, then answers).
+    let chunk = vec![0u8; 64 << 10];
+    for _ in 0..len / chunk.len() {
+        s.write_all(&chunk)
+            .expect("the server keeps reading the body");
+    }
+    let mut response = Vec::new();
+    let _ = s.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("too_large"), "{text}");
+}
+
+#[test]
+fn stalled_connections_time_out_and_health_answers_throughout() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(
+        dir.path(),
+        &["--max-connections", "40", "--header-timeout-secs", "2"],
+    );
+    let health = || {
+        let (status, body) = raw_request(relay.port, "GET /_/health HTTP/1.1");
+        assert_eq!(status, 200, "{body}");
+    };
+    // Slowloris: 100 connections, each with half a request's headers, then nothing.
+    let mut stalled: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+            let _ = s.write_all(b"GET /_/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ");
+            s
+        })
+        .collect();
+    // An idle keep-alive connection after one full request.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+    idle.write_all(b"GET /_/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    health();
+    // Past the limit, a new connection takes the place of a stalled one.
+    let (status, _) = raw_request(relay.port, "GET /anything HTTP/1.1");
+    assert_eq!(status, 404);
+    // Every stalled and idle connection is closed by the server after the header timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    stalled.push(idle);
+    for s in &mut stalled {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = Vec::new();
+        // Ends with EOF (or a reset) once the server closes; a timeout means it never did.
+        match s.read_to_end(&mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("a stalled connection was not closed: {e}"),
+        }
+    }
+    // With the stalled ones gone, ordinary requests are served again.
+    let (status, _) = raw_request(relay.port, "GET /anything HTTP/1.1");
+    assert_eq!(status, 404);
+    health();
+}
+
+#[test]
+fn when_every_connection_is_busy_health_still_answers_from_the_reserve() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-connections", "20"]);
+    // Twenty event streams: each is a request in progress, none can be shed.
+    let streams: Vec<_> = (0..20)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", relay.port)).unwrap();
+            write!(
+                s,
+                "GET /busy-{i} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+            )
+            .unwrap();
+            let mut r = BufReader::new(s);
+            let mut status = String::new();
+            r.read_line(&mut status).unwrap();
+            assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+            r
+        })
+        .collect();
+    let (status, body) = raw_request(relay.port, "GET /_/health HTTP/1.1");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = raw_request(relay.port, "GET /anything HTTP/1.1");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_connections"), "{body}");
+    drop(streams);
 }

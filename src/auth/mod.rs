@@ -1,8 +1,10 @@
 //! Access control: who presents which credential, and what its grants allow.
 //!
 //! Credentials are static tokens from `--auth-tokens` (stored as SHA-256 hashes or plain,
-//! compared in constant time) or signed JWTs (`--auth-jwt-secret-file` for HS256,
-//! `--auth-jwt-public-key` for EdDSA/ES256). Either carries grants (`grants.rs`). With no
+//! compared in constant time: `tokens.rs`) or signed JWTs (`--auth-jwt-secret-file` for HS256,
+//! `--auth-jwt-public-key` for EdDSA/ES256: `jwt.rs`); `verifier.rs` loads them together and
+//! picks which one checks a token, `mint.rs` makes new static tokens for
+//! `automerge-relay token`. Either kind carries grants (`grants.rs`). With no
 //! credentials configured every caller is anonymous with admin on every id (the server refuses
 //! that on a non-loopback address unless `--allow-anonymous`). `SIGHUP` reloads; a bad file keeps
 //! the previous configuration.
@@ -11,6 +13,9 @@
 //! name (static tokens) or its `sub` (JWTs).
 
 mod grants;
+mod jwt;
+mod mint;
+mod tokens;
 mod verifier;
 
 use std::path::PathBuf;
@@ -18,6 +23,7 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 pub use grants::{access_for, is_server_admin, Access, Grant, IdPattern};
+pub use mint::token_printout;
 use verifier::Verifier;
 
 /// Where credentials come from (from the command line).
@@ -161,3 +167,6 @@ impl Auth {
         verifier.verify(token, SystemTime::now())
     }
 }
+
+#[cfg(test)]
+mod tests;

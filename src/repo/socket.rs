@@ -21,28 +21,41 @@ use super::forwarded::Forwarded;
 use super::hub::Hub;
 use super::protocol::{Action, Connection};
 use super::wire::RepoMessage;
+use crate::auth::{Access, Principal, Refusal};
 use crate::doc::{ConnId, Documents, Outgoing, PeerLink};
 use crate::id::DocId;
 use crate::limits::ConnectionGuard;
 use crate::state::AppState;
+use crate::transport::caller::expires_at;
 use crate::transport::close::{CLOSE_FELL_BEHIND, CLOSE_NORMAL};
 use crate::transport::socket_loop::{Frame, Outbox, Session};
 use crate::transport::upgrade::accept;
 use crate::transport::validate::validate;
+use crate::upload::UploadGate;
 
 /// Messages that may wait for one repo peer.
 const OUTBOUND_QUEUE: usize = 4096;
 /// How long shutdown waits for this socket's forwarded changes to become durable.
 const FORWARDED_WAIT: Duration = Duration::from_secs(3);
 
-pub fn upgrade(ws: WebSocketUpgrade, state: AppState, slot: ConnectionGuard) -> Response {
-    let session = RepoSocket::new(&state);
+/// Upgrades an authenticated peer; each document's grant is checked per message, and the
+/// socket closes (4401) when the peer's token expires.
+pub fn upgrade(
+    ws: WebSocketUpgrade,
+    state: AppState,
+    slot: ConnectionGuard,
+    principal: Principal,
+) -> Response {
+    let expires_at = expires_at(&principal);
     let span = tracing::info_span!(
         "repo_socket",
-        conn = session.conn,
-        peer = tracing::field::Empty
+        conn = tracing::field::Empty,
+        peer = tracing::field::Empty,
+        caller = %principal.name,
     );
-    accept(ws, &state, slot, span, session)
+    let session = RepoSocket::new(&state, principal);
+    span.record("conn", session.conn);
+    accept(ws, &state, slot, span, expires_at, session)
 }
 
 /// One repo peer's socket.
@@ -59,6 +72,9 @@ struct RepoSocket {
     /// Documents this peer synced (detached when the socket ends).
     synced: HashSet<DocId>,
     forwarded: Forwarded,
+    /// The peer's grants.
+    principal: Principal,
+    uploads: Arc<UploadGate>,
 }
 
 /// What the server side has for a repo peer.
@@ -68,7 +84,7 @@ enum RepoEvent {
 }
 
 impl RepoSocket {
-    fn new(state: &AppState) -> Self {
+    fn new(state: &AppState, principal: Principal) -> Self {
         let conn = state.docs.next_conn_id();
         let (tx, outbound) = mpsc::channel(OUTBOUND_QUEUE);
         Self {
@@ -85,6 +101,8 @@ impl RepoSocket {
             replaced: CancellationToken::new(),
             synced: HashSet::new(),
             forwarded: Forwarded::default(),
+            principal,
+            uploads: state.uploads.clone(),
         }
     }
 
@@ -101,13 +119,30 @@ impl RepoSocket {
                 Action::Sync {
                     doc,
                     message,
-                    changes,
+                    mut changes,
                     request,
                 } => {
+                    match self.principal.access(doc.as_str()) {
+                        None => {
+                            // Outside its read grants: as if the document did not exist.
+                            Refusal::Forbidden.count();
+                            if let Some(msg) = self.core.outgoing(Outgoing::Unavailable { doc }) {
+                                out.send(binary(&msg));
+                            }
+                            continue;
+                        }
+                        Some(Access::Read) if !changes.is_empty() => {
+                            // A read-only peer keeps syncing, but its changes are never applied.
+                            Refusal::Forbidden.count();
+                            tracing::debug!(doc = %doc, "dropped changes from a read-only peer");
+                            changes.clear();
+                        }
+                        Some(_) => {}
+                    }
                     let upload = if changes.is_empty() {
                         None
                     } else {
-                        match validate(&self.docs, &doc, changes.into()).await {
+                        match validate(&self.uploads, &self.docs, &doc, changes.into()).await {
                             Ok(upload) => Some(upload),
                             Err(e) => {
                                 let reply = RepoMessage::Error {
@@ -127,6 +162,11 @@ impl RepoSocket {
                     if let Some(durable) = sent.await {
                         self.forwarded.push(durable);
                     }
+                }
+                Action::Ephemeral { doc, .. }
+                    if !self.principal.may(doc.as_str(), Access::Read) =>
+                {
+                    Refusal::Forbidden.count();
                 }
                 Action::Ephemeral {
                     doc,

@@ -14,5 +14,7 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_INTERNAL: u16 = 1011;
 /// The client fell behind or stopped answering pings: "reconnect to resync".
 pub const CLOSE_FELL_BEHIND: u16 = 4008;
+/// The token expired during the connection: reconnect with a fresh one.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
 /// The document was deleted.
 pub const CLOSE_DELETED: u16 = 4404;

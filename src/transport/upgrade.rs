@@ -19,19 +19,22 @@ pub fn configure(ws: WebSocketUpgrade, max_message: usize) -> WebSocketUpgrade {
         .max_frame_size(max_message)
 }
 
-/// Upgrades and runs `session` until the socket ends; `slot` is held until then. Log lines of
+/// Upgrades and runs `session` until the socket ends (at the latest when the caller's token
+/// expires, `expires_at`); `slot` is held until then. Log lines of
 /// the socket carry `span` (at info level, so the loop's warnings name the document or peer).
 pub fn accept<S>(
     ws: WebSocketUpgrade,
     state: &AppState,
     slot: ConnectionGuard,
     span: tracing::Span,
+    expires_at: Option<tokio::time::Instant>,
     mut session: S,
 ) -> Response
 where
     S: Session + 'static,
 {
-    let settings = Settings::new(state);
+    let mut settings = Settings::new(state);
+    settings.expires_at = expires_at;
     let tasks = state.tasks.clone();
     configure(ws, state.limits.max_body).on_upgrade(move |socket| {
         tasks.track_future(

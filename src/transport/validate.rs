@@ -1,17 +1,38 @@
 //! Upload validation for every transport that accepts Automerge bytes.
+//!
+//! Two steps off the async workers (both are CPU work): measure what the upload decodes to,
+//! refusing it (413) past `--max-decoded-upload` before anything is loaded; then, with a share
+//! of `--validation-memory` held, load it strictly with the owner's latest hint, so the owner
+//! applies only what may be new.
 
 use bytes::Bytes;
 
 use crate::doc::Documents;
 use crate::error::RelayError;
 use crate::id::DocId;
-use crate::upload::{parse_upload_with, Upload};
+use crate::upload::{decoded_size, parse_upload_with, Upload, UploadGate};
 
-/// Validates an upload for document `id` off the async workers (parsing a large save is CPU
-/// work), using the owner's latest hint so the owner only applies what may be new.
-pub async fn validate(docs: &Documents, id: &DocId, bytes: Bytes) -> Result<Upload, RelayError> {
+pub async fn validate(
+    gate: &UploadGate,
+    docs: &Documents,
+    id: &DocId,
+    bytes: Bytes,
+) -> Result<Upload, RelayError> {
+    let limit = gate.max_decoded();
+    let (bytes, decoded) = blocking(move || {
+        let decoded = decoded_size(&bytes, limit);
+        (bytes, decoded)
+    })
+    .await?;
+    let _permit = gate.admit(decoded?).await?;
     let hint = docs.hint(id);
-    tokio::task::spawn_blocking(move || parse_upload_with(bytes, hint.as_ref()))
+    blocking(move || parse_upload_with(bytes, hint.as_ref())).await?
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RelayError> {
+    tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| RelayError::Internal(format!("validation task failed: {e}")))?
+        .map_err(|e| RelayError::Internal(format!("validation task failed: {e}")))
 }

@@ -25,7 +25,10 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::close::{CLOSE_FELL_BEHIND, CLOSE_GOING_AWAY, CLOSE_RATE_LIMIT, CLOSE_TOO_BIG};
+use super::caller::expiry;
+use super::close::{
+    CLOSE_FELL_BEHIND, CLOSE_GOING_AWAY, CLOSE_RATE_LIMIT, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG,
+};
 use super::keepalive::Keepalive;
 use crate::limits::RateLimit;
 use crate::state::AppState;
@@ -46,6 +49,8 @@ pub struct Settings {
     pub max_messages_per_sec: u32,
     /// Cancelled at shutdown.
     pub shutdown: CancellationToken,
+    /// When the caller's token expires: the socket closes then (4401).
+    pub expires_at: Option<tokio::time::Instant>,
 }
 
 impl Settings {
@@ -54,6 +59,7 @@ impl Settings {
             ping_interval: state.limits.ping_interval,
             max_messages_per_sec: state.limits.max_messages_per_sec,
             shutdown: state.shutdown.clone(),
+            expires_at: None,
         }
     }
 }
@@ -165,6 +171,7 @@ enum Wake<E, V> {
     Event(Option<V>),
     Ping,
     Shutdown,
+    Expired,
 }
 
 /// Runs `session` on a socket until either side closes it, then calls [`Session::finish`].
@@ -200,6 +207,7 @@ where
                 event = session.next_event(), if events => Wake::Event(event),
                 _ = ping.tick() => Wake::Ping,
                 _ = settings.shutdown.cancelled() => Wake::Shutdown,
+                _ = expiry(settings.expires_at) => Wake::Expired,
             };
             match wake {
                 Wake::Frame(frame) => {
@@ -246,6 +254,19 @@ where
                     }
                     session.drain().await;
                     out.close(CLOSE_GOING_AWAY, "server shutting down");
+                }
+                Wake::Expired => {
+                    // Answer what was accepted before the token ran out, then close.
+                    tracing::debug!("closing a socket whose token expired");
+                    crate::auth::Refusal::Expired.count();
+                    while let Some(reply) = out.replies.next().await {
+                        out.send(reply);
+                        flush(&mut sink, &mut out).await?;
+                    }
+                    out.close(
+                        CLOSE_TOKEN_EXPIRED,
+                        "token expired; reconnect with a fresh one",
+                    );
                 }
             }
             if flush(&mut sink, &mut out).await? == Flow::Closed {

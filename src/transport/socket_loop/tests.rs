@@ -92,6 +92,16 @@ struct Peer {
 }
 
 fn start(ping_interval: Duration, max_messages_per_sec: u32, greeting: Option<Message>) -> Peer {
+    start_until(ping_interval, max_messages_per_sec, greeting, None)
+}
+
+/// [`start`] for a caller whose token expires at `expires_at`.
+fn start_until(
+    ping_interval: Duration,
+    max_messages_per_sec: u32,
+    greeting: Option<Message>,
+    expires_at: Option<tokio::time::Instant>,
+) -> Peer {
     let (frames, frames_rx) = mpsc::unbounded_channel();
     let (sent_tx, sent) = mpsc::unbounded_channel();
     let (gates_tx, gates) = mpsc::unbounded_channel();
@@ -118,6 +128,7 @@ fn start(ping_interval: Duration, max_messages_per_sec: u32, greeting: Option<Me
         ping_interval,
         max_messages_per_sec,
         shutdown: shutdown.clone(),
+        expires_at,
     };
     let task = tokio::spawn(async move { run(sink, stream, &mut session, settings).await });
     Peer {
@@ -311,6 +322,22 @@ async fn shutdown_answers_in_flight_uploads_then_closes_with_1001() {
     assert_text(&peer.next().await, "ack 2");
     assert_eq!(close_code(&peer.next().await), Some(CLOSE_GOING_AWAY));
     assert!(peer.drained.load(Ordering::SeqCst));
+    assert!(peer.ended().await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_token_answers_accepted_uploads_then_closes_with_4401() {
+    let start_at = tokio::time::Instant::now();
+    let expiry = start_at + Duration::from_secs(30);
+    let mut peer = start_until(NO_PINGS, 100, None, Some(expiry));
+    peer.upload(1);
+    let (_, g1) = peer.gate().await;
+    // Past the expiry the loop waits for the accepted upload, answers it, then closes.
+    peer.quiet_for(Duration::from_secs(31)).await;
+    g1.send(()).unwrap();
+    assert_text(&peer.next().await, "ack 1");
+    assert_eq!(close_code(&peer.next().await), Some(CLOSE_TOKEN_EXPIRED));
+    assert!(tokio::time::Instant::now() >= expiry);
     assert!(peer.ended().await.is_ok());
 }
 

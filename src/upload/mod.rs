@@ -15,6 +15,12 @@ use bytes::Bytes;
 
 use crate::error::RelayError;
 
+mod decoded;
+mod gate;
+
+pub use decoded::decoded_size;
+pub use gate::UploadGate;
+
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 const CHUNK_DOCUMENT: u8 = 0;
 const CHUNK_CHANGE: u8 = 1;
@@ -97,7 +103,7 @@ pub fn split_chunks(bytes: &[u8]) -> Result<Vec<(u8, &[u8])>, RelayError> {
     Ok(chunks)
 }
 
-fn read_uleb(input: &[u8]) -> Option<(u64, usize)> {
+pub(super) fn read_uleb(input: &[u8]) -> Option<(u64, usize)> {
     let mut value: u64 = 0;
     for (i, byte) in input.iter().enumerate().take(10) {
         let bits = u64::from(byte & 0x7f);
