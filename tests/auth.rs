@@ -1219,3 +1219,109 @@ async fn without_credentials_a_loopback_relay_is_open() {
     assert_eq!(status_of(c.get(relay.url("/_/metrics"))).await, 200);
     assert_eq!(status_of(c.delete(relay.url("/open-doc"))).await, 204);
 }
+
+// ---- public-key JWTs and clock skew -----------------------------------------------------------
+
+// Test-only keypairs, made for this file with `openssl genpkey -algorithm ed25519` and
+// `openssl ecparam -name prime256v1 -genkey -noout | openssl pkcs8 -topk8 -nocrypt` (then
+// `openssl pkey -pubout`). Their private halves are public: never trust these keys anywhere.
+const ED25519_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIN1pRv7yiM9xBJPUIXh2FP/kYnC7iWfOZR9FwlAVm26S\n-----END PRIVATE KEY-----\n";
+const ED25519_PUB: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAB/Ik9UJ0kBdQqI3FS03ImwVdhTlOZuYUSgbgcHIc7zM=\n-----END PUBLIC KEY-----\n";
+const P256_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg93eTPdm4xkfUKU9f\nn2Q9yhqbowehsu819qw27I5CXFahRANCAASwW31TBey1juCqkaIOgMKTpffZFKjp\nrpATaE1UjxwWPcDFrejsYv6kyBF0E6Scb66ksIxu6DFCG7aQpLJAxMau\n-----END PRIVATE KEY-----\n";
+const P256_PUB: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEsFt9UwXstY7gqpGiDoDCk6X32RSo\n6a6QE2hNVI8cFj3Axa3o7GL+pMgRdBOknG+upLCMbugxQhu2kKSyQMTGrg==\n-----END PUBLIC KEY-----\n";
+
+fn jwt_signed(alg: jsonwebtoken::Algorithm, pem: &str, claims: &serde_json::Value) -> String {
+    let key = match alg {
+        jsonwebtoken::Algorithm::EdDSA => jsonwebtoken::EncodingKey::from_ed_pem(pem.as_bytes()),
+        _ => jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes()),
+    }
+    .expect("test key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), claims, &key).expect("encode JWT")
+}
+
+#[tokio::test]
+async fn eddsa_and_es256_jwts_are_verified_with_the_public_key() {
+    use jsonwebtoken::Algorithm::{EdDSA, ES256};
+    let cases = [
+        (EdDSA, ED25519_KEY, ED25519_PUB, ES256, P256_KEY),
+        (ES256, P256_KEY, P256_PUB, EdDSA, ED25519_KEY),
+    ];
+    for (alg, private, public, other_alg, other_private) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens.toml");
+        let key = dir.path().join("jwt.pub.pem");
+        let admin = r#"[ { ids = "*", access = "admin" } ]"#;
+        std::fs::write(&tokens, token_entry("admin", ADMIN_SECRET, admin)).unwrap();
+        std::fs::write(&key, public).unwrap();
+        let args = [
+            "--auth-tokens",
+            tokens.to_str().unwrap(),
+            "--auth-jwt-public-key",
+            key.to_str().unwrap(),
+        ];
+        let relay = Relay::start_with(&dir.path().join("data"), &args);
+        let c = reqwest::Client::new();
+        let r = c
+            .post(relay.url("/pk-doc"))
+            .bearer_auth(ADMIN_SECRET)
+            .body(base_doc().save());
+        assert_eq!(status_of(r).await, 201);
+        let read = json!([{ "ids": "pk-*", "access": "read" }]);
+        let valid = json!({ "sub": "pk", "exp": now_secs() + 600, "grants": read });
+        let expired = json!({ "sub": "pk", "exp": now_secs() - 60, "grants": admin_everywhere() });
+        let everything =
+            json!({ "sub": "pk", "exp": now_secs() + 600, "grants": admin_everywhere() });
+        let get = |token: String| c.get(relay.url("/pk-doc")).bearer_auth(token);
+
+        let good = jwt_signed(alg, private, &valid);
+        assert_eq!(status_of(get(good.clone())).await, 200, "{alg:?}");
+        let put = c
+            .put(relay.url("/pk-doc"))
+            .bearer_auth(&good)
+            .body(base_doc().save());
+        assert_eq!(status_of(put).await, 403, "{alg:?}: a read grant");
+        let refused = [
+            ("expired", jwt_signed(alg, private, &expired)),
+            (
+                "another key",
+                jwt_signed(other_alg, other_private, &everything),
+            ),
+            // The public key is not a shared secret: HS256 "signed" with it is refused.
+            (
+                "HS256 with the public key",
+                jwt_hs256(public.as_bytes(), &everything),
+            ),
+            ("alg none", jwt_alg_none(&everything)),
+        ];
+        for (what, token) in refused {
+            assert_eq!(status_of(get(token)).await, 401, "{alg:?}: {what}");
+        }
+    }
+}
+
+/// The relay allows at most 5 s of clock skew: 8 s past `exp` or before `nbf` is refused.
+#[tokio::test]
+async fn clock_skew_is_at_most_five_seconds() {
+    let ctx = Ctx::start(&[]);
+    ctx.seed("auth-skew").await;
+    let key = HS_KEY.as_bytes();
+    let read = || claims(json!([{ "ids": "auth-*", "access": "read" }]));
+    let get = |token: String| ctx.http.get(ctx.relay.url("/auth-skew")).bearer_auth(token);
+    let mut late = read();
+    late["exp"] = json!(now_secs() - 8);
+    let mut early = read();
+    early["nbf"] = json!(now_secs() + 8);
+    assert_eq!(status_of(get(jwt_hs256(key, &read()))).await, 200);
+    assert_eq!(
+        status_of(get(jwt_hs256(key, &late))).await,
+        401,
+        "8 s past exp"
+    );
+    assert_eq!(
+        status_of(get(jwt_hs256(key, &early))).await,
+        401,
+        "8 s before nbf"
+    );
+    let failures = ctx.failures().await;
+    assert_eq!(failures[2], 1, "past exp counts as expired");
+}
