@@ -174,12 +174,15 @@ enum Action {
     GetMissing,
     Since,
     Put,
+    Post,
+    PutNew,
     Delete,
     WsSubscribe,
     WsUpload,
     Sse,
     RepoFind,
     RepoEdit,
+    RepoCreate,
     Docs,
     Stats,
     Metrics,
@@ -223,12 +226,15 @@ const TABLE: &[(Action, [Expect; 5])] = &[
     (Action::GetMissing, [Unauthorized, Status(404), Status(404), Forbidden, Status(404)]),
     (Action::Since, [Unauthorized, Status(200), Status(200), Forbidden, Status(200)]),
     (Action::Put, [Unauthorized, Forbidden, Status(200), Forbidden, Status(200)]),
+    (Action::Post, [Unauthorized, Forbidden, Status(200), Forbidden, Status(200)]),
+    (Action::PutNew, [Unauthorized, Forbidden, Status(201), Forbidden, Status(201)]),
     (Action::Delete, [Unauthorized, Forbidden, Status(204), Forbidden, Status(204)]),
     (Action::WsSubscribe, [Unauthorized, Subscribed, Subscribed, Forbidden, Subscribed]),
     (Action::WsUpload, [Unauthorized, UploadForbidden, Acked, Forbidden, Acked]),
     (Action::Sse, [Unauthorized, Subscribed, Subscribed, Forbidden, Subscribed]),
     (Action::RepoFind, [Unauthorized, Synced, Synced, Unavailable, Synced]),
     (Action::RepoEdit, [Unauthorized, NotApplied, Applied, Unavailable, Applied]),
+    (Action::RepoCreate, [Unauthorized, NotApplied, Applied, Unavailable, Applied]),
     (Action::Docs, [Unauthorized, Forbidden, Forbidden, Forbidden, Status(200)]),
     (Action::Stats, [Unauthorized, Forbidden, Forbidden, Forbidden, Status(200)]),
     (Action::Metrics, [Unauthorized, Forbidden, Forbidden, Forbidden, Status(200)]),
@@ -456,10 +462,16 @@ fn has_change(bytes: &[u8], hash: &ChangeHash) -> bool {
         .is_some()
 }
 
-/// A change to `stored` (one more item): (the change bytes, its hash).
+/// A change to `stored` (one more item): (the change bytes, its hash). For a document that
+/// does not exist yet (`stored` empty): a base document and the change.
 fn one_change(stored: &[u8], text: &str) -> (Vec<u8>, ChangeHash) {
-    let mut doc = AutoCommit::load(stored).unwrap();
-    let heads = doc.get_heads();
+    let (mut doc, heads) = if stored.is_empty() {
+        (base_doc(), vec![])
+    } else {
+        let mut doc = AutoCommit::load(stored).unwrap();
+        let heads = doc.get_heads();
+        (doc, heads)
+    };
     add_item(&mut doc, text);
     let hash = doc.get_last_local_change().unwrap().hash();
     (doc.save_after(&heads), hash)
@@ -565,18 +577,23 @@ impl Case {
                 }
                 seen
             }
-            Action::Put => {
+            Action::Put | Action::Post | Action::PutNew => {
+                let method = if self.action == Action::Post {
+                    reqwest::Method::POST
+                } else {
+                    reqwest::Method::PUT
+                };
                 let (change, hash) = one_change(&self.before, "put");
                 let r = self
                     .ctx
-                    .request(reqwest::Method::PUT, &doc_path, self.token(), self.present)
+                    .request(method, &doc_path, self.token(), self.present)
                     .body(change)
                     .send()
                     .await
                     .unwrap();
                 let r = http_refusal(r).await;
                 let seen = judge_refusal(&r, &what, false);
-                if seen == Seen::Status(200) {
+                if matches!(seen, Seen::Status(200 | 201)) {
                     let (_, after) = self.ctx.admin_get(&self.doc).await;
                     assert!(has_change(&after, &hash), "{what}: the PUT is stored");
                 }
@@ -623,7 +640,7 @@ impl Case {
                 judge_refusal(&http_refusal(r).await, &what, false)
             }
             Action::RepoFind => self.repo_find().await,
-            Action::RepoEdit => self.repo_edit().await,
+            Action::RepoEdit | Action::RepoCreate => self.repo_edit().await,
             Action::Docs => self.http(reqwest::Method::GET, "/_/docs").await,
             Action::Stats => self.http(reqwest::Method::GET, "/_/stats").await,
             Action::Metrics => self.http(reqwest::Method::GET, "/_/metrics").await,
@@ -829,8 +846,16 @@ impl Case {
         // Nothing shows up later either.
         let settle = Instant::now() + Duration::from_millis(300);
         while Instant::now() < settle {
-            let (_, after) = self.ctx.admin_get(&self.doc).await;
-            assert_eq!(after, self.before, "{what}: a refused repo edit was stored");
+            let (status, after) = self.ctx.admin_get(&self.doc).await;
+            let unchanged = if self.before.is_empty() {
+                status == 404
+            } else {
+                after == self.before
+            };
+            assert!(
+                unchanged,
+                "{what}: a refused repo edit was stored ({status})"
+            );
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
         match expect {
@@ -863,7 +888,10 @@ fn seen_for(expect: Expect) -> Seen {
 fn mutates(expect: Expect, action: Action) -> bool {
     match expect {
         Acked | Applied | UploadForbidden => true,
-        Status(_) => matches!(action, Action::Put | Action::Delete),
+        Status(_) => matches!(
+            action,
+            Action::Put | Action::Post | Action::PutNew | Action::Delete
+        ),
         _ => false,
     }
 }
@@ -891,7 +919,8 @@ async fn every_action_with_every_credential() {
                     cred.name,
                     if present == Present::Header { "h" } else { "q" }
                 );
-                let before = if *action == Action::GetMissing {
+                let missing = [Action::GetMissing, Action::PutNew, Action::RepoCreate];
+                let before = if missing.contains(action) {
                     Vec::new()
                 } else {
                     ctx.seed(&doc).await
@@ -915,6 +944,11 @@ async fn every_action_with_every_credential() {
             }
         }
     }
+    let with_token = creds.iter().filter(|c| c.token.is_some()).count();
+    assert_eq!(
+        cases,
+        TABLE.len() * (2 * with_token + creds.len() - with_token)
+    );
     assert!(
         failures.is_empty(),
         "{} of {cases} cases failed:\n{}",
@@ -1324,4 +1358,61 @@ async fn clock_skew_is_at_most_five_seconds() {
     );
     let failures = ctx.failures().await;
     assert_eq!(failures[2], 1, "past exp counts as expired");
+}
+
+/// Ephemeral messages (presence, cursors) need a read grant on the document: a read-only peer's
+/// reach the document's other peers, a peer without a grant on it is not relayed.
+#[tokio::test]
+async fn ephemeral_messages_need_a_read_grant() {
+    let ctx = Ctx::start(&[]);
+    let doc = "auth-presence";
+    ctx.seed(doc).await;
+    ctx.seed("other-barrier").await;
+    let url = ctx.relay.ws_url("/");
+    let ephemeral = |peer: &RepoPeer, session: &str, data: &[u8]| RepoMessage::Ephemeral {
+        sender_id: peer.me.clone(),
+        target_id: peer.server.clone(),
+        document_id: doc.into(),
+        session_id: session.into(),
+        count: 1,
+        data: data.to_vec(),
+    };
+    /// Requests `doc` and waits for the relay's answer (a sync or doc-unavailable).
+    async fn open(peer: &mut RepoPeer, doc: &str) {
+        let mut local = Automerge::new();
+        let mut state = sync::State::new();
+        peer.request(doc, &mut local, &mut state).await;
+        loop {
+            let msg = peer.recv().await;
+            if doc_of(&msg) == Some(doc) {
+                assert!(!matches!(msg, RepoMessage::Ephemeral { .. }), "{msg:?}");
+                return;
+            }
+        }
+    }
+    let writer = jwt_hs256(
+        HS_KEY.as_bytes(),
+        &claims(json!([{ "ids": "auth-*", "access": "write" }])),
+    );
+    let mut listener = RepoPeer::connect(&url, Some(&writer)).await.unwrap();
+    open(&mut listener, doc).await;
+
+    // Without a grant on the document: dropped (handled before the barrier's answer).
+    let mut other = RepoPeer::connect(&url, Some(OTHER_SECRET)).await.unwrap();
+    open(&mut other, doc).await;
+    let msg = ephemeral(&other, "other-session", b"from a peer without a grant");
+    other.send(msg).await;
+    open(&mut other, "other-barrier").await;
+
+    // Read-only: relayed.
+    let mut reader = RepoPeer::connect(&url, Some(READER_SECRET)).await.unwrap();
+    open(&mut reader, doc).await;
+    let msg = ephemeral(&reader, "reader-session", b"from the reader");
+    reader.send(msg).await;
+    loop {
+        if let RepoMessage::Ephemeral { data, .. } = listener.recv().await {
+            assert_eq!(data, b"from the reader", "relayed without a grant");
+            break;
+        }
+    }
 }

@@ -508,9 +508,14 @@ impl RepoPeer {
 
 /// A sync message that carries one new change on top of `stored` (the peer already knows the
 /// relay has `stored`, so its first message holds the change): (the message, the change's hash).
+/// With `stored` empty, a new document: the message creates it.
 pub fn sync_edit(stored: &[u8], key: &str) -> (Vec<u8>, automerge::ChangeHash) {
     use automerge::sync::{BloomFilter, Have, SyncDoc};
-    let mut local = automerge::Automerge::load(stored).expect("stored document loads");
+    let mut local = if stored.is_empty() {
+        automerge::Automerge::new()
+    } else {
+        automerge::Automerge::load(stored).expect("stored document loads")
+    };
     let relay_heads = local.get_heads();
     let mut tx = local.transaction();
     tx.put(ROOT, key, "edited over the repo protocol")
