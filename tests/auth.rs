@@ -1416,3 +1416,41 @@ async fn ephemeral_messages_need_a_read_grant() {
         }
     }
 }
+
+/// `--auth-jwt-audience` takes several audiences; a token's `aud` (a string or a list) must name
+/// one of them.
+#[tokio::test]
+async fn the_audience_must_be_one_of_the_configured_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("jwt.key");
+    std::fs::write(&key, HS_KEY).unwrap();
+    let args = [
+        "--auth-jwt-secret-file",
+        key.to_str().unwrap(),
+        "--auth-jwt-audience",
+        "todo-app,board-app",
+    ];
+    let relay = Relay::start_with(&dir.path().join("data"), &args);
+    let c = reqwest::Client::new();
+    let with_aud = |aud: Option<serde_json::Value>| {
+        let mut claims = json!({ "exp": now_secs() + 600, "grants": admin_everywhere() });
+        if let Some(aud) = aud {
+            claims["aud"] = aud;
+        }
+        jwt_hs256(HS_KEY.as_bytes(), &claims)
+    };
+    let cases = [
+        (Some(json!("todo-app")), 200),
+        (Some(json!("board-app")), 200),
+        (Some(json!(["elsewhere", "board-app"])), 200),
+        (Some(json!("elsewhere")), 401),
+        (Some(json!(["elsewhere", "nowhere"])), 401),
+        (None, 401),
+    ];
+    for (aud, want) in cases {
+        let r = c
+            .get(relay.url("/_/docs"))
+            .bearer_auth(with_aud(aud.clone()));
+        assert_eq!(status_of(r).await, want, "aud {aud:?}");
+    }
+}
