@@ -428,6 +428,33 @@ async fn sighup_reloads_tokens_and_keys_and_a_broken_file_keeps_the_previous_one
         "the key after a bad reload"
     );
 
+    // A key file gone missing: the same.
+    std::fs::write(s.tokens_file(), &file).unwrap();
+    let key_file = s.dir.path().join("jwt.key");
+    std::fs::remove_file(&key_file).unwrap();
+    let logged_before = std::fs::read_to_string(&log).unwrap_or_default().len();
+    s.relay.sighup();
+    wait_for(
+        "the relay to log why the key reload failed",
+        DEADLINE,
+        || {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            let fresh = log
+                .get(logged_before..)
+                .unwrap_or_default()
+                .contains("jwt.key");
+            async move { fresh.then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        docs_status(&s.relay, &jwt2).await,
+        200,
+        "the key after a failed reload"
+    );
+    assert_eq!(docs_status(&s.relay, added).await, 200);
+    std::fs::write(&key_file, format!("{key2}\n")).unwrap();
+
     // A token removed from the file stops working.
     std::fs::write(s.tokens_file(), token_entry("added", added, grants)).unwrap();
     s.relay.sighup();
