@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 const DEADLINE: Duration = Duration::from_secs(10);
 const ADMIN: &str = "live-admin-secret-8c7b6a5f4e3d2c1b0a99887766554433";
 const HS_KEY: &str = "live-hs256-key-2f3e4d5c6b7a89900a1b2c3d4e5f6a7b";
-/// How late after `exp` a live connection may be closed: the contract's 5 s, plus 1 s for a
+/// How late after `exp` a live connection may be closed: the documented 5 s, plus 1 s for a
 /// loaded test machine.
 const CLOSE_WITHIN: Duration = Duration::from_secs(6);
 
