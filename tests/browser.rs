@@ -1,5 +1,6 @@
 //! The client-example todo app in a real browser (Debian chromium driven by playwright-core):
-//! runs `npm test` in client-example against the relay binary built for this test run.
+//! runs `npm test` in client-example against the relay binary built for this test run, started
+//! with a temporary `--auth-tokens` file (the pages present a token, as against a real deployment).
 //! `scripts/test` installs the npm packages and Debian's chromium; without them this test
 //! fails, it does not skip.
 

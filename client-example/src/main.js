@@ -15,10 +15,15 @@ const MODES = {
   repo: { start: repoSync, help: "An unmodified automerge-repo client with WebSocketClientAdapter, syncing live through the relay." },
 }
 
-// Settings come from the URL (?mode=ws&relay=...) or what was used last.
+// Settings come from the URL (?mode=ws&relay=...#doc=...&token=...) or what
+// was used last. The token rides in the link's #fragment, which browsers never
+// send to the server that serves the page; it is kept in localStorage and the
+// address bar drops it once read.
 const params = new URLSearchParams(location.search)
+const hashParams = () => new URLSearchParams(location.hash.slice(1))
 let mode = MODES[params.get("mode")] ? params.get("mode") : getSetting("mode", "ws")
 let relay = cleanRelayUrl(params.get("relay") ?? getSetting("relay", "http://localhost:5000"))
+let token = (hashParams().get("token") ?? params.get("token") ?? getSetting("token", "")).trim()
 
 // The list's id is an automerge-repo document id, so the same list works in all modes.
 let docId
@@ -37,8 +42,10 @@ function openList() {
   saveLocal(docId, doc)
   setSetting("mode", mode)
   setSetting("relay", relay)
-  history.replaceState(null, "", shareLink())
-  sync = MODES[mode].start({ docId, relay, getDoc: () => doc, receive, setStatus })
+  setSetting("token", token)
+  history.replaceState(null, "", pageLink())
+  sync = MODES[mode].start({ docId, relay, token, getDoc: () => doc, receive, setStatus })
+  renderSettings()
   render()
 }
 
@@ -64,7 +71,9 @@ function setStatus(status, detail = "") {
   const el = $("#status")
   el.dataset.status = status
   el.title = detail
-  $("#status-label").textContent = { online: "Online", syncing: "Syncing…", offline: "Offline" }[status]
+  $("#status-label").textContent = {
+    online: "Online", syncing: "Syncing…", offline: "Offline", denied: "No access", readonly: "Read-only",
+  }[status]
 }
 
 // ---- ids and links ---------------------------------------------------------
@@ -78,10 +87,19 @@ function newListId() {
   return parseAutomergeUrl(generateAutomergeUrl()).documentId
 }
 
-function shareLink() {
+// The address of this list and these settings, without the token.
+function pageLink() {
   const url = new URL(location.href)
   url.search = new URLSearchParams({ mode, relay }).toString()
   url.hash = `doc=${docId}`
+  return url.toString()
+}
+
+// What "Copy share link" copies: the page link plus the token, so whoever opens
+// it syncs with the same access.
+function shareLink() {
+  const url = new URL(pageLink())
+  if (token) url.hash = new URLSearchParams({ doc: docId, token }).toString()
   return url.toString()
 }
 
@@ -107,11 +125,16 @@ function render() {
   $("#empty").hidden = items.length > 0
   $("#list-footer").hidden = items.length === 0
   $("#list-id").textContent = docId
-  $("#relay").value = relay
-  for (const input of document.querySelectorAll("input[name=mode]")) input.checked = input.value === mode
-  $("#mode-help").textContent = MODES[mode].help
   $("#editing")?.focus()
   rendering = false
+}
+
+// The settings, when they change (not on every render: that would undo typing).
+function renderSettings() {
+  $("#relay").value = relay
+  $("#token").value = token
+  for (const input of document.querySelectorAll("input[name=mode]")) input.checked = input.value === mode
+  $("#mode-help").textContent = MODES[mode].help
 }
 
 function startEditing(todo) {
@@ -177,7 +200,15 @@ for (const input of document.querySelectorAll("input[name=mode]")) {
 $("#relay-form").addEventListener("submit", (e) => {
   e.preventDefault()
   relay = cleanRelayUrl($("#relay").value)
+  token = $("#token").value.trim()
   openList()
+})
+$("#show-token").addEventListener("click", () => {
+  const input = $("#token")
+  const show = input.type === "password"
+  input.type = show ? "text" : "password"
+  $("#show-token").textContent = show ? "Hide" : "Show"
+  $("#show-token").setAttribute("aria-pressed", String(show))
 })
 $("#new-list").addEventListener("click", () => {
   location.hash = `doc=${newListId()}` // hashchange opens it
@@ -187,6 +218,10 @@ $("#copy-link").addEventListener("click", async () => {
   $("#copy-link").textContent = "Link copied"
   setTimeout(() => ($("#copy-link").textContent = "Copy share link"), 1500)
 })
-window.addEventListener("hashchange", () => { if (listIdFromHash() !== docId) openList() })
+window.addEventListener("hashchange", () => {
+  const linked = hashParams().get("token")
+  if (linked !== null) token = linked.trim()
+  if (linked !== null || listIdFromHash() !== docId) openList()
+})
 
 openList()

@@ -7,7 +7,9 @@
 //
 // It builds the app, serves it with `vite preview` and starts the relay, each
 // on a free loopback port, and drives two isolated browser contexts. The page
-// and the relay are on different origins, so CORS is exercised for real.
+// and the relay are on different origins, so CORS is exercised for real. The
+// relay is protected (--auth-tokens with a temporary token file): pages present
+// a token from the share link or the settings, as a real deployment would.
 import { test, before, after } from "node:test"
 import assert from "node:assert/strict"
 import { spawn, spawnSync } from "node:child_process"
@@ -17,6 +19,7 @@ import { dirname, join, resolve } from "node:path"
 import { fileURLToPath } from "node:url"
 import { chromium } from "playwright-core"
 import { generateAutomergeUrl, parseAutomergeUrl } from "@automerge/automerge-repo"
+import * as Automerge from "@automerge/automerge"
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..")
 const RELAY_BIN = resolve(root, process.env.RELAY_BIN ?? "../target/debug/automerge-relay")
@@ -29,7 +32,14 @@ const CHROMIUM_ARGS = [
 const SYNC_TIMEOUT = 10_000 // "within a few seconds", with room for a slow CI machine
 const START_TIMEOUT = 30_000
 
+// The relay's tokens: the test reads with ADMIN, the pages sync with WRITER
+// (or READER, read-only).
+const ADMIN = "browser-admin-5f1e2d3c4b5a69788796a5b4c3d2e1f0"
+const WRITER = "browser-writer-0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d"
+const READER = "browser-reader-7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a29"
+
 let dataDir
+let tokenFile
 let relay // { child, url }
 let preview // { child, url }
 let browser
@@ -74,7 +84,26 @@ async function stopProcess(proc) {
 }
 
 const startRelay = () =>
-  startProcess(RELAY_BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir], /listening on (http:\/\/[\d.:]+)/)
+  startProcess(RELAY_BIN, ["serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir, "--auth-tokens", tokenFile],
+    /listening on (http:\/\/[\d.:]+)/)
+
+function writeTokenFile(dir) {
+  const entry = (name, token, access) =>
+    `[[token]]\nname = "${name}"\ntoken = "${token}"\ngrants = [ { ids = "*", access = "${access}" } ]\n\n`
+  const file = join(dir, "tokens.toml")
+  writeFileSync(file, entry("browser-admin", ADMIN, "admin") + entry("browser-writer", WRITER, "write") +
+    entry("browser-reader", READER, "read"))
+  return file
+}
+
+// The todo titles the relay holds for a list (read with the admin token); [] when it has none.
+async function relayTitles(listId) {
+  const res = await fetch(`${relay.url}/${listId}`, { headers: { Authorization: `Bearer ${ADMIN}` } })
+  if (res.status === 404) return []
+  assert.equal(res.status, 200, `admin GET /${listId}`)
+  const doc = Automerge.load(new Uint8Array(await res.arrayBuffer()))
+  return (doc.todos ?? []).map((t) => t.title).sort()
+}
 
 // ---- the app, through the browser --------------------------------------------
 
@@ -86,12 +115,25 @@ async function newContext() {
   return context
 }
 
-async function openList(context, mode, listId) {
+// A share link: the list, the sync settings and (unless null) the token.
+const linkTo = (mode, listId, token = WRITER) =>
+  `${preview.url}/?mode=${mode}&relay=${encodeURIComponent(relay.url)}#` +
+  new URLSearchParams(token === null ? { doc: listId } : { doc: listId, token }).toString()
+
+async function openList(context, mode, listId, { token = WRITER, status = "online" } = {}) {
   const page = await context.newPage()
-  const url = `${preview.url}/?mode=${mode}&relay=${encodeURIComponent(relay.url)}#doc=${listId}`
-  await page.goto(url)
-  await waitForStatus(page, "online")
+  await page.goto(linkTo(mode, listId, token))
+  await waitForStatus(page, status)
   return page
+}
+
+// Poll `fn` (up to the deadline) until it is truthy.
+const waitFor = async (fn, what, timeout = SYNC_TIMEOUT) => {
+  const deadline = Date.now() + timeout
+  while (!(await fn())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((r) => setTimeout(r, 100))
+  }
 }
 
 const waitForStatus = (page, status, timeout = SYNC_TIMEOUT) =>
@@ -145,6 +187,7 @@ before(async () => {
   assert.equal(build.status, 0, `vite build failed:\n${build.stdout}\n${build.stderr}`)
 
   dataDir = mkdtempSync(join(tmpdir(), "relay-browser-test-"))
+  tokenFile = writeTokenFile(mkdtempSync(join(tmpdir(), "relay-browser-tokens-")))
   relay = await startRelay()
   preview = await startProcess(
     process.execPath,
@@ -160,6 +203,7 @@ after(async () => {
   await stopProcess(preview)
   await stopProcess(relay)
   if (dataDir) rmSync(dataDir, { recursive: true, force: true })
+  if (tokenFile) rmSync(dirname(tokenFile), { recursive: true, force: true })
 })
 
 // ---- tests ---------------------------------------------------------------------
@@ -247,6 +291,83 @@ for (const mode of ["ws", "repo", "http"]) {
   })
 }
 
+for (const mode of ["http", "ws", "repo"]) {
+  test(`${mode}: the token setting — refused without one, typed in the settings, kept, carried in the share link`, async () => {
+    const ctx = await newContext()
+    await ctx.grantPermissions(["clipboard-read", "clipboard-write"], { origin: preview.url })
+    const id = newListId()
+    // No token: the relay refuses, and the page says so (not just "offline").
+    const page = await openList(ctx, mode, id, { token: null, status: "denied" })
+    assert.equal(await page.textContent("#status-label"), "No access")
+    await addTodos(page, ["Made before the token"])
+
+    // A wrong one: the same.
+    await page.fill("#token", "not-a-valid-token")
+    await page.press("#token", "Enter")
+    await waitForStatus(page, "denied")
+    assert.deepEqual(await relayTitles(id), [], "something reached the relay without a valid token")
+
+    // The right one, typed in the settings: it syncs, and what was made before gets there.
+    await page.fill("#token", WRITER)
+    await page.click("#relay-form button[type=submit]")
+    await waitForStatus(page, "online")
+    await addTodos(page, ["Made with the token"])
+    await waitForStatus(page, "online")
+    const both = ["Made before the token", "Made with the token"]
+    await waitFor(async () => JSON.stringify(await relayTitles(id)) === JSON.stringify([...both].sort()), "the relay to hold both todos")
+
+    // Kept in the browser across a reload; the address bar never shows it.
+    await page.reload()
+    await waitForStatus(page, "online")
+    assert.equal(await page.inputValue("#token"), WRITER)
+    assert.equal(await page.getAttribute("#token", "type"), "password", "the token is masked")
+    assert.ok(!page.url().includes(WRITER), `the token is in the address bar: ${page.url()}`)
+
+    // The share link carries it: a fresh browser opening it syncs the list.
+    await page.click("#copy-link")
+    const link = await page.evaluate(() => navigator.clipboard.readText())
+    assert.ok(link.includes(`token=${WRITER}`), `share link without the token: ${link}`)
+    const other = await newContext()
+    const shared = await other.newPage()
+    await shared.goto(link)
+    await waitForStatus(shared, "online")
+    await waitForList(shared, both)
+    if (mode === "ws") await screenshotSettings(page, "token-setting.png")
+    await Promise.all([ctx.close(), other.close()])
+  })
+}
+
+for (const mode of ["http", "ws", "repo"]) {
+  test(`${mode}: a read-only token shows the list; its edits stay in the browser`, async () => {
+    const [ctxW, ctxR] = [await newContext(), await newContext()]
+    const id = newListId()
+    const writer = await openList(ctxW, mode, id)
+    await addTodos(writer, ["Written by the writer"])
+    await waitForStatus(writer, "online")
+    await waitFor(async () => (await relayTitles(id)).length === 1, "the relay to hold the writer's todo")
+
+    const reader = await openList(ctxR, mode, id, { token: READER, status: mode === "repo" ? "online" : "readonly" })
+    await waitForList(reader, ["Written by the writer"])
+    await addTodos(reader, ["Typed by the reader"])
+    if (mode !== "repo") await waitForStatus(reader, "readonly")
+    await waitForList(reader, ["Written by the writer", "Typed by the reader"]) // kept locally
+
+    // The writer's next edit still reaches a live reader; the reader's never leaves it.
+    await addTodos(writer, ["Written later"])
+    await waitForStatus(writer, "online")
+    if (mode === "http") await reader.reload()
+    await waitForList(reader, ["Written by the writer", "Typed by the reader", "Written later"])
+    const settle = Date.now() + 1000
+    while (Date.now() < settle) {
+      assert.deepEqual(await relayTitles(id), ["Written by the writer", "Written later"])
+      await new Promise((r) => setTimeout(r, 100))
+    }
+    if (mode === "http") await writer.reload()
+    await waitForList(writer, ["Written by the writer", "Written later"])
+    await Promise.all([ctxW.close(), ctxR.close()])
+  })
+}
+
 test("after a relay restart a fresh browser loads the full list, in every mode", async () => {
   assert.ok(Object.keys(lists).length > 0, "the offline tests left no lists to reload")
   await stopProcess(relay)
@@ -265,7 +386,14 @@ test("no uncaught errors in the pages", () => {
   assert.deepEqual(pageErrors, [])
 })
 
-// ---- screenshot ----------------------------------------------------------------
+// ---- screenshots ---------------------------------------------------------------
+
+async function screenshotSettings(page, name) {
+  await page.mouse.move(0, 0)
+  await page.locator("#token").blur()
+  mkdirSync(ARTIFACTS, { recursive: true })
+  await page.screenshot({ path: join(ARTIFACTS, name), fullPage: true, animations: "disabled" })
+}
 
 async function screenshotSideBySide(a, b, name, label) {
   await Promise.all([a.mouse.move(0, 0), b.mouse.move(0, 0)]) // no hover effects
