@@ -110,6 +110,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MAX_DOC_SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_doc_size: usize,
 
+    /// Most changes that may wait for missing dependencies in one document; an upload that
+    /// would add more gets 409 `too_many_pending`.
+    #[arg(long, env = "RELAY_MAX_PENDING_CHANGES", default_value_t = 10_000)]
+    pub max_pending_changes: usize,
+
     /// Largest size one upload may decode to (Automerge compresses its columns, so a small
     /// body can inflate a lot); past it the upload gets 413 before it is loaded. Default:
     /// --max-doc-size.

@@ -27,6 +27,8 @@ pub enum RelayError {
     TooLarge { limit: usize },
     #[error("the upload decodes to more than the limit of {limit} bytes; nothing was stored")]
     DecodedTooLarge { limit: u64 },
+    #[error("too many changes wait for dependencies in this document (limit {limit}); send the changes they depend on first")]
+    TooManyPending { limit: usize },
     #[error("the merged document would exceed the limit of {limit} bytes; nothing was stored")]
     DocTooLarge { limit: u64 },
     #[error("too many live connections ({0}); try again later")]
@@ -70,6 +72,7 @@ impl RelayError {
             RelayError::DocTooLarge { .. } => "document_too_large",
             RelayError::TooManyConnections(_) => "too_many_connections",
             RelayError::PreconditionFailed => "precondition_failed",
+            RelayError::TooManyPending { .. } => "too_many_pending",
             RelayError::BadSince(_) => "bad_since",
             RelayError::BadRequest(_) => "bad_request",
             RelayError::Storage(_) => "storage_error",
@@ -99,6 +102,7 @@ impl RelayError {
             | RelayError::DocTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RelayError::TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            RelayError::TooManyPending { .. } => StatusCode::CONFLICT,
             RelayError::Storage(_) | RelayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             RelayError::ShuttingDown | RelayError::StorageUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE

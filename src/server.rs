@@ -131,6 +131,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
             repo_sync_interval: Duration::from_millis(args.repo_sync_interval_ms),
             memory_budget: args.memory_budget as u64,
             max_doc_size: args.max_doc_size as u64,
+            max_pending: args.max_pending_changes,
             subscriber_queue_bytes: args.max_peer_queue,
         },
     );

@@ -652,3 +652,44 @@ async fn cors_origin_can_be_restricted() {
         other => panic!("upgrade from another origin: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn after_a_delete_changes_on_the_old_history_wait_but_make_no_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_with(dir.path(), &["--max-pending-changes", "3"]);
+    let c = client();
+    let url = relay.url("/gone");
+    let mut doc = base_doc();
+    let (status, _, _) = post(&c, &url, doc.save()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        c.delete(&url).send().await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    // A client that missed the delete keeps sending changes on the deleted history.
+    for i in 0..3 {
+        let heads = doc.get_heads();
+        add_item(&mut doc, &format!("late {i}"));
+        let (status, body, _) = post(&c, &url, doc.save_after(&heads)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(
+            c.get(&url).send().await.unwrap().status(),
+            StatusCode::NOT_FOUND,
+            "changes that only wait make no document"
+        );
+    }
+    // Past --max-pending-changes they are refused, nothing more is stored.
+    let heads = doc.get_heads();
+    add_item(&mut doc, "one too many");
+    let (status, body, _) = post(&c, &url, doc.save_after(&heads)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "too_many_pending");
+    // A full save brings the document back, with everything.
+    let (status, body, _) = post(&c, &url, doc.save()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, bytes) = get_bytes(&c, &url).await;
+    assert_eq!(
+        heads_hex(&mut AutoCommit::load(&bytes).unwrap()),
+        heads_hex(&mut doc)
+    );
+}

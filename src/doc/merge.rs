@@ -55,6 +55,8 @@ pub(super) struct Rules {
     /// Bytes the document may still grow by (stored size against `--max-doc-size`).
     pub(super) size_room: u64,
     pub(super) max_doc_size: u64,
+    /// Most changes that may wait for dependencies in one document (`--max-pending-changes`).
+    pub(super) max_pending: usize,
     /// Take a snapshot for compaction if this turn changes the document.
     pub(super) want_snapshot: bool,
     pub(super) repo_interval: Duration,
@@ -94,7 +96,8 @@ pub(super) fn merge(
     } = work;
     let exists_before = state.exists;
     let old_heads = state.doc.get_heads();
-    let outcomes = apply(&mut state.doc, &jobs, exists_before, rules);
+    let waiting = state.stored_pending.len();
+    let outcomes = apply(&mut state.doc, &jobs, exists_before, waiting, rules);
     let heads = state.doc.get_heads();
     let new: HashSet<ChangeHash> = if heads == old_heads {
         HashSet::new()
@@ -123,7 +126,9 @@ pub(super) fn merge(
     let mut persist = new_bytes;
     persist.extend_from_slice(&account.persist_pending);
     let changed = !persist.is_empty();
-    state.exists |= changed;
+    // A document exists once it has an applied change: changes that only wait for
+    // dependencies are stored (and applied when those arrive) but make nothing to read.
+    state.exists = !heads.is_empty();
 
     let cached = state.cached_save.take();
     let full_save = if need_full {
@@ -152,7 +157,7 @@ pub(super) fn merge(
         &mut state.peers,
         repo,
         &Exchange {
-            exists: exists_before || changed,
+            exists: state.exists,
             changed: !new.is_empty(),
             interval: rules.repo_interval,
             now,
@@ -192,14 +197,32 @@ fn apply(
     doc: &mut Automerge,
     jobs: &[WriteJob],
     exists_before: bool,
+    waiting: usize,
     rules: &Rules,
 ) -> Vec<Option<RelayError>> {
     let mut outcomes: Vec<Option<RelayError>> = Vec::with_capacity(jobs.len());
     let mut group = Group::default();
     let mut accepted_any = false;
     let mut size_room = rules.size_room;
+    let unresolved = unresolved_changes(doc, jobs);
+    let mut waiting = waiting;
     for (i, job) in jobs.iter().enumerate() {
         outcomes.push(None);
+        // Changes that will wait for dependencies are bounded per document: a client sending
+        // changes whose history was deleted (or never sent) must not grow them forever.
+        let would_wait = job
+            .upload
+            .changes
+            .iter()
+            .filter(|c| unresolved.contains(&c.hash()))
+            .count();
+        if would_wait > 0 && waiting + would_wait > rules.max_pending {
+            outcomes[i] = Some(RelayError::TooManyPending {
+                limit: rules.max_pending,
+            });
+            continue;
+        }
+        waiting += would_wait;
         // The stored size grows by at most the bytes of the changes this upload can add.
         let growth = job.upload.growth_bound(rules.epoch);
         if growth > size_room {
@@ -234,6 +257,41 @@ fn apply(
     }
     group.flush(doc, &mut outcomes);
     outcomes
+}
+
+/// The turn's changes that will still miss a dependency after the turn: neither in the
+/// document nor resolved by other changes of the turn (full saves count as resolved). Uploads
+/// come in causal order, so one pass settles almost everything; a few more passes cover
+/// reordered ones, and what is left after them counts as waiting (an over-count only makes
+/// the bound stricter).
+fn unresolved_changes(doc: &Automerge, jobs: &[WriteJob]) -> HashSet<ChangeHash> {
+    const PASSES: usize = 4;
+    // The document's heads first: most changes depend on them, and looking a hash up in
+    // automerge walks its change graph (measured as a hot spot before: `peer_sync.rs`).
+    let mut known: HashSet<ChangeHash> = jobs
+        .iter()
+        .flat_map(|j| j.upload.doc_hashes.iter().copied())
+        .chain(doc.get_heads())
+        .collect();
+    let mut open: Vec<&automerge::Change> =
+        jobs.iter().flat_map(|j| j.upload.changes.iter()).collect();
+    for _ in 0..PASSES {
+        let before = open.len();
+        open.retain(|c| {
+            let ready = c
+                .deps()
+                .iter()
+                .all(|d| known.contains(d) || doc.get_change_meta_by_hash(d).is_some());
+            if ready {
+                known.insert(c.hash());
+            }
+            !ready
+        });
+        if open.len() == before {
+            break;
+        }
+    }
+    open.iter().map(|c| c.hash()).collect()
 }
 
 /// What each write did, worked out after the merge.
@@ -293,7 +351,7 @@ fn account(
         if applied > 0 {
             origins.insert(job.origin);
         }
-        let created = !created_given && (applied > 0 || pending > 0);
+        let created = !created_given && applied > 0;
         created_given |= created;
         results.push(Ok(WriteOutcome {
             created,
@@ -376,6 +434,7 @@ mod tests {
             epoch: 0,
             size_room: u64::MAX,
             max_doc_size: u64::MAX,
+            max_pending: 1000,
             want_snapshot: false,
             repo_interval: Duration::from_millis(50),
         }
@@ -459,7 +518,11 @@ mod tests {
         let e = run(&mut state, vec![job(second.clone(), None)]);
         let out = ok(&e, 0);
         assert_eq!((out.applied, out.pending), (0, 1));
-        assert!(out.created, "a stored pending change creates the document");
+        assert!(!out.created, "only applied changes make a document");
+        assert!(
+            !state.exists,
+            "a document of waiting changes does not exist"
+        );
         assert!(e.push.is_none(), "nothing applied, nothing pushed");
         assert!(!e.persist.is_empty(), "the waiting change is stored");
         assert_eq!(state.stored_pending.len(), 1);
@@ -470,9 +533,34 @@ mod tests {
         // The dependency arrives: both apply, credited to this write.
         let e = run(&mut state, vec![job(first, None)]);
         assert_eq!(ok(&e, 0).applied, 1);
+        assert!(ok(&e, 0).created && state.exists);
         assert_eq!(state.doc.get_heads(), a.get_heads());
         assert!(state.stored_pending.is_empty());
         assert_eq!(e.push.unwrap().heads, a.get_heads());
+    }
+
+    #[test]
+    fn changes_waiting_for_dependencies_are_bounded_per_document() {
+        let mut state = DocState::default();
+        let mut a = AutoCommit::new();
+        let _never_sent = edit(&mut a, "x", 0);
+        let waiting: Vec<Vec<u8>> = (1..=1001).map(|i| edit(&mut a, "x", i)).collect();
+        let mut jobs: Vec<WriteJob> = waiting.iter().map(|c| job(c.clone(), None)).collect();
+        let last = jobs.pop().unwrap();
+        // 1000 wait (the limit in these rules): a chain whose root was never sent.
+        let e = run(&mut state, jobs);
+        assert!(e.results.iter().all(|r| r.is_ok()));
+        assert_eq!(state.stored_pending.len(), 1000);
+        let e = run(&mut state, vec![last]);
+        assert!(matches!(
+            e.results[0],
+            Err(RelayError::TooManyPending { limit: 1000 })
+        ));
+        assert!(e.persist.is_empty(), "nothing more is stored");
+        // A change that applies is never refused for it.
+        let mut b = AutoCommit::new();
+        let e = run(&mut state, vec![job(edit(&mut b, "y", 1), None)]);
+        assert_eq!(ok(&e, 0).applied, 1);
     }
 
     #[test]

@@ -17,7 +17,9 @@
 use std::mem;
 use std::sync::Arc;
 
-use automerge::Automerge;
+use std::collections::HashSet;
+
+use automerge::{Automerge, ChangeHash, ReadDoc};
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -273,9 +275,16 @@ impl Owner {
         for c in &loaded.chunks {
             self.chunks.add(c.key.clone(), c.bytes.len());
         }
-        self.state.exists = !loaded.chunks.is_empty();
+        // Only applied changes make a document (stored changes may all still be waiting).
+        self.state.exists = !loaded.doc.get_heads().is_empty();
+        // Stored changes still waiting for dependencies count against --max-pending-changes
+        // after a reload too (only looked for when automerge says some wait).
+        self.state.stored_pending = if loaded.doc.get_missing_deps(&[]).is_empty() {
+            HashSet::new()
+        } else {
+            waiting_changes(&loaded.doc, &loaded.chunks)
+        };
         self.state.doc = loaded.doc;
-        self.state.stored_pending.clear();
         self.state.cached_save = None;
         self.durable = Durable {
             heads: self.state.doc.get_heads(),
@@ -471,6 +480,7 @@ impl Owner {
                 .max_doc_size
                 .saturating_sub(self.chunks.stored_bytes()),
             max_doc_size: config.max_doc_size,
+            max_pending: config.max_pending,
             // A snapshot is at most the stored size; near the disk watermark it would be
             // refused after a full save, turn after turn, so it is not taken then.
             want_snapshot: !work.jobs.is_empty()
@@ -673,9 +683,11 @@ impl Owner {
             let _ = c.await;
             self.snapshot_pending = false;
         }
-        if !self.state.exists {
+        let existed = self.state.exists;
+        if !existed && self.chunks.keys().is_empty() {
             return Ok(false);
         }
+        // Also when only waiting changes are stored: they go with the document.
         self.shared
             .store
             .delete(&self.id)
@@ -689,13 +701,15 @@ impl Owner {
         self.state.cached_save = None;
         self.chunks.clear();
         self.publish(true);
-        self.subscribers.push(DocEvent::Deleted, &self.shared.stats);
-        // Dropping the senders ends every subscription after its queued events.
-        self.subscribers.clear();
+        if existed {
+            self.subscribers.push(DocEvent::Deleted, &self.shared.stats);
+            // Dropping the senders ends every subscription after its queued events.
+            self.subscribers.clear();
+        }
         // Repo peers keep their copies; their next sync starts from nothing (and re-creates
         // the document if they still have it).
         self.reset_repo_states();
-        Ok(true)
+        Ok(existed)
     }
 
     fn start_compaction(&mut self, snapshot: Vec<u8>) {
@@ -740,6 +754,25 @@ struct Gate {
     refusal: Option<RelayError>,
     /// Upper bound of the bytes the batch's admitted writes add.
     admitted: u64,
+}
+
+/// Hashes of the stored changes `doc` has not applied (they wait for dependencies).
+fn waiting_changes(doc: &Automerge, chunks: &[StoredChunk]) -> HashSet<ChangeHash> {
+    let mut waiting = HashSet::new();
+    for stored in chunks {
+        let Ok(parts) = crate::upload::split_chunks(&stored.bytes) else {
+            continue;
+        };
+        for (_, part) in parts {
+            if let Ok(change) = automerge::Change::try_from(part) {
+                let hash = change.hash();
+                if doc.get_change_meta_by_hash(&hash).is_none() {
+                    waiting.insert(hash);
+                }
+            }
+        }
+    }
+    waiting
 }
 
 /// The running compaction's result; never resolves when there is none.

@@ -49,6 +49,8 @@ pub struct DocConfig {
     pub memory_budget: u64,
     /// Largest stored size a document may grow to; writes past it are refused (413).
     pub max_doc_size: u64,
+    /// Most changes that may wait for missing dependencies in one document.
+    pub max_pending: usize,
     /// Bytes of batches that may wait for one live subscriber before it is switched to one
     /// catch-up (`--max-peer-queue`).
     pub subscriber_queue_bytes: usize,
@@ -60,6 +62,7 @@ impl Default for DocConfig {
             repo_sync_interval: Duration::from_millis(50),
             memory_budget: 512 << 20,
             max_doc_size: 256 << 20,
+            max_pending: 10_000,
             subscriber_queue_bytes: 4 << 20,
         }
     }
