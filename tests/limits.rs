@@ -250,17 +250,6 @@ async fn prometheus_metrics_cover_batches_storage_and_rejections() {
     }
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn an_inflation_bomb_is_refused_before_it_is_loaded_or_stored() {
     use automerge::transaction::Transactable;

@@ -53,13 +53,7 @@ fn rejected(metrics: &str, reason: &str) -> u64 {
 
 /// The relay's resident memory, from /proc.
 fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
+    rss_kib(pid) * 1024
 }
 
 /// A client whose own sends fill its small TCP buffer, like any client uploading more than the

@@ -82,27 +82,7 @@ impl Drop for Relay {
 }
 
 fn spawn(dir: &Path, extra: &[String]) -> (Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_automerge-relay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start relay binary");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read listening line");
-    let port = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line from relay: {line:?}"));
-    (child, port)
+    spawn_opts(dir, extra, &SpawnOptions::default())
 }
 
 /// A raw HTTP/1.1 request, for paths an HTTP client library would normalise.
@@ -537,4 +517,14 @@ pub fn sync_edit(stored: &[u8], key: &str) -> (Vec<u8>, automerge::ChangeHash) {
         "the sync message carries the change"
     );
     (msg.encode(), ours)
+}
+
+/// Resident memory of a process, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
