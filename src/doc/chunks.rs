@@ -23,11 +23,21 @@ pub(super) const RAW_FACTOR: u64 = 2;
 /// stored, 34.7 MB decoded) grew the RSS by 103.2 MiB, of which 26.8 MiB is the cached full
 /// save the `GET` keeps and ~2.4 MiB what any first `GET` costs (a 282-byte document grew it by
 /// 2.4 MiB): ~2.2 bytes per decoded byte. 3 puts the estimate at 1.2× the RSS growth (the
-/// former 100 × stored bytes estimated 2,703 MiB, 26×). Not covered: highly compressible
-/// documents whose memory is their op count, not their bytes: 20,000 single-character text
-/// insertions save to a 554-byte snapshot decoding to 20.9 KB, and take ~3 MiB loaded
-/// (estimated 86 KiB, as before this factor).
+/// former 100 × stored bytes estimated 2,703 MiB, 26×; measured with this factor: 126.2 MiB
+/// for 103.1 MiB, 1.22×). Highly compressible documents whose memory is their history, not
+/// their bytes, are covered by [`CHANGE_BYTES`].
 pub(super) const SNAPSHOT_DECODED_FACTOR: u64 = 3;
+/// In-memory bytes per change of a document loaded from the store, for documents whose memory
+/// is their history rather than their bytes (automerge 0.12 keeps ops in compressed columns,
+/// but every change in its change graph). Measured as above: 20,000 single-character text
+/// insertions, committed one by one (20,041 changes with the document's other writes), loaded
+/// from a 554-byte snapshot decoding to 20.9 KB, grew the RSS by 4.2–5.6 MiB over five runs,
+/// ~2.5 MiB of it what any first `GET` costs; malloc's `uordblks + hblkhd` grew by 3.7 MB more
+/// than for a 282-byte document: ~185 bytes per change. With 200 that document is estimated at
+/// 3.9 MiB (0.73–0.79× its whole RSS growth; 86 KiB, 0.02×, without this term). Not per op:
+/// the random-string document above is 33.6 million ops (JS strings are text objects, one op
+/// per character; 160 bytes per op estimated it at 5,251 MiB) in 168 changes.
+pub(super) const CHANGE_BYTES: u64 = 200;
 
 /// Compact once this many incrementals pile up, whatever their size.
 const MAX_INCREMENTALS: usize = 1024;
@@ -75,11 +85,19 @@ pub(super) struct Chunks {
     snapshot_bytes: u64,
     /// What the snapshots decode to.
     snapshot_decoded_bytes: u64,
+    /// Changes of the document as it was loaded from the store (later ones are counted by the
+    /// chunks that bring them, until the next load).
+    loaded_changes: u64,
 }
 
 impl Chunks {
     pub(super) fn clear(&mut self) {
         *self = Self::default();
+    }
+
+    /// Records the change count of the document just loaded from these chunks.
+    pub(super) fn set_loaded_changes(&mut self, changes: u64) {
+        self.loaded_changes = changes;
     }
 
     pub(super) fn add(&mut self, key: ChunkKey, size: ChunkSize) {
@@ -139,6 +157,7 @@ impl Chunks {
         OWNER_BASE_BYTES
             + RAW_FACTOR * self.incremental_bytes
             + SNAPSHOT_DECODED_FACTOR * self.snapshot_decoded_bytes
+            + CHANGE_BYTES * self.loaded_changes
             + cached_save as u64
     }
 
@@ -253,5 +272,13 @@ mod tests {
             c.memory_estimate(0),
             OWNER_BASE_BYTES + SNAPSHOT_DECODED_FACTOR * 30
         );
+        // A document loaded with many changes counts them; a cleared one does not.
+        c.set_loaded_changes(1000);
+        assert_eq!(
+            c.memory_estimate(0),
+            OWNER_BASE_BYTES + SNAPSHOT_DECODED_FACTOR * 30 + CHANGE_BYTES * 1000
+        );
+        c.clear();
+        assert_eq!(c.memory_estimate(0), OWNER_BASE_BYTES);
     }
 }

@@ -282,6 +282,8 @@ impl Owner {
         for (c, size) in loaded.chunks.iter().zip(&loaded.sizes) {
             self.chunks.add(c.key.clone(), *size);
         }
+        self.chunks
+            .set_loaded_changes(loaded.doc.stats().num_changes);
         // Only applied changes make a document (stored changes may all still be waiting).
         self.state.exists = !loaded.doc.get_heads().is_empty();
         // Stored changes still waiting for dependencies count against --max-pending-changes
