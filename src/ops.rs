@@ -50,12 +50,15 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Document counters, plus what the allocator holds (for telling live memory from free
-/// memory the process keeps).
+/// Document counters, the process's resident memory (`rss`, from `/proc/self/status`) and
+/// the allocator's own figures (`heap`: bytes handed out, including reserved pages never
+/// touched, and bytes kept free), which are not resident memory. `hot_bytes` (an estimate of
+/// the documents' memory) is compared with `rss`.
 #[derive(serde::Serialize)]
 struct StatsBody {
     #[serde(flatten)]
     docs: crate::doc::StatsSnapshot,
+    rss: Option<u64>,
     heap: Option<crate::alloc::HeapUsage>,
 }
 
@@ -63,6 +66,7 @@ pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Resp
     caller.require_server_admin()?;
     Ok(Json(StatsBody {
         docs: state.docs.stats(),
+        rss: crate::alloc::rss(),
         heap: crate::alloc::heap_usage(),
     })
     .into_response())

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::api::{Command, DocEvent, Precondition, RepoSync, WriteJob, WriteRequest};
-use super::chunks::Chunks;
+use super::chunks::{ChunkSize, Chunks};
 use super::durable::{self, Durable};
 use super::evictor::Gauge;
 use super::exchange::RepoIn;
@@ -35,16 +35,16 @@ use super::shared::{store_error, Registrar, Shared};
 use super::turn::{PendingRead, Persisted, Replies, Turn};
 use crate::error::RelayError;
 use crate::id::DocId;
-use crate::storage::{ChunkKey, StoreError, StoredChunk};
+use crate::storage::{ChunkKey, ChunkKind, StoreError, StoredChunk};
 use crate::upload::Hint;
 
 /// Most commands one turn of the owner takes from its queue.
 const MAX_BATCH: usize = 512;
 
-/// A finished compaction: the snapshot's key and size, and the chunks it replaced.
+/// A finished compaction: the snapshot's key and sizes, and the chunks it replaced.
 struct Compacted {
     key: ChunkKey,
-    len: usize,
+    size: ChunkSize,
     replaced: Vec<ChunkKey>,
 }
 
@@ -58,10 +58,11 @@ struct Failed {
     retry: Replies,
 }
 
-/// A document read from the store.
+/// A document read from the store, with its chunks' sizes (in the same order).
 struct Loaded {
     doc: Automerge,
     chunks: Vec<StoredChunk>,
+    sizes: Vec<ChunkSize>,
 }
 
 pub(super) struct Owner {
@@ -257,11 +258,17 @@ impl Owner {
             .collect();
         let loaded = tokio::task::spawn_blocking(move || {
             let mut doc = Automerge::new();
-            doc.load_incremental(&all).map(|_| doc)
+            // Measured here, off the async workers: a snapshot's decoded size inflates its
+            // columns (the memory estimate counts it, `chunks.rs`).
+            let sizes: Vec<ChunkSize> = chunks
+                .iter()
+                .map(|c| ChunkSize::measure(c.key.kind, &c.bytes))
+                .collect();
+            doc.load_incremental(&all).map(|_| (doc, chunks, sizes))
         })
         .await;
         match loaded {
-            Ok(Ok(doc)) => Ok(Loaded { doc, chunks }),
+            Ok(Ok((doc, chunks, sizes))) => Ok(Loaded { doc, chunks, sizes }),
             Ok(Err(e)) => Err(RelayError::Storage(format!(
                 "stored document is unreadable: {e}"
             ))),
@@ -272,9 +279,11 @@ impl Owner {
     /// Makes a document read from the store the current and durable state.
     fn install(&mut self, loaded: Loaded) {
         self.chunks.clear();
-        for c in &loaded.chunks {
-            self.chunks.add(c.key.clone(), c.bytes.len());
+        for (c, size) in loaded.chunks.iter().zip(&loaded.sizes) {
+            self.chunks.add(c.key.clone(), *size);
         }
+        self.chunks
+            .set_loaded_changes(loaded.doc.stats().num_changes);
         // Only applied changes make a document (stored changes may all still be waiting).
         self.state.exists = !loaded.doc.get_heads().is_empty();
         // Stored changes still waiting for dependencies count against --max-pending-changes
@@ -646,7 +655,7 @@ impl Owner {
         match persisted {
             Ok(Some(p)) => {
                 self.shared.stats.persisted(p.took);
-                self.chunks.add(p.key, p.len);
+                self.chunks.add(p.key, ChunkSize::incremental(p.len));
             }
             Ok(None) => {}
             Err(err) => {
@@ -717,10 +726,21 @@ impl Owner {
         let replaced = self.chunks.keys();
         let store = self.shared.store.clone();
         let id = self.id.clone();
-        let len = snapshot.len();
         self.compaction = Some(self.shared.tasks.spawn(async move {
+            // What the snapshot decodes to (the memory estimate counts it), off the async
+            // workers: it inflates every compressed column.
+            let (snapshot, size) = tokio::task::spawn_blocking(move || {
+                let size = ChunkSize::measure(ChunkKind::Snapshot, &snapshot);
+                (snapshot, size)
+            })
+            .await
+            .map_err(|e| StoreError::failed(format!("measuring the snapshot failed: {e}")))?;
             let key = store.compact(&id, snapshot, replaced.clone()).await?;
-            Ok(Compacted { key, len, replaced })
+            Ok(Compacted {
+                key,
+                size,
+                replaced,
+            })
         }));
     }
 
@@ -739,7 +759,7 @@ impl Owner {
         self.snapshot_pending = false;
         match result {
             Ok(Ok(c)) => {
-                self.chunks.replace(&c.replaced, c.key, c.len);
+                self.chunks.replace(&c.replaced, c.key, c.size);
                 self.shared.stats.compacted();
             }
             Ok(Err(e)) => tracing::warn!(doc = %self.id, error = %e, "compaction failed"),
