@@ -411,6 +411,24 @@ impl Store for SledStore {
 mod tests {
     use super::*;
 
+    /// Opens `dir` again after a store on it was dropped. sled's background threads keep its
+    /// file, and with it the lock, open for a moment after the last handle goes, so the
+    /// reopen waits (up to a deadline) for the lock to be released.
+    fn reopen(dir: &Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match SledStore::open_with_cache(dir, 16 << 20) {
+                Ok(store) => return store,
+                Err(e)
+                    if e.message.contains("is in use") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("reopen failed: {e}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn follows_the_store_contract() {
         let dir = tempfile::tempdir().unwrap();
@@ -426,7 +444,7 @@ mod tests {
             let store = SledStore::open_with_cache(dir.path(), 16 << 20).unwrap();
             store.append(&doc, b"abc".to_vec()).await.unwrap();
         }
-        let store = SledStore::open_with_cache(dir.path(), 16 << 20).unwrap();
+        let store = reopen(dir.path());
         let chunks = store.load(&doc).await.unwrap();
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].bytes, b"abc");
@@ -457,7 +475,7 @@ mod tests {
         // What a snapshot write that met ENOSPC leaves behind; sled alone then reports
         // `Corruption { at: None }` on every open.
         std::fs::write(dir.path().join("snap.7FFFFFFFFFFFFFFF.generating"), b"").unwrap();
-        let store = SledStore::open_with_cache(dir.path(), 16 << 20).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.load(&doc).await.unwrap().len(), 1);
     }
 
