@@ -32,7 +32,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     });
     let refusing = match store.refusing {
         Some(e) => Some(e),
-        None => state.docs.list(None, 1).await.err(),
+        None => state.docs.store_answers().await.err(),
     };
     match refusing {
         None => Json(json!({"status": "ready", "disk": disk})).into_response(),
@@ -111,7 +111,20 @@ pub async fn list_docs(
         None => 100,
     }
     .clamp(1, 1000);
-    let ids = state.docs.list(after.as_ref(), limit).await?;
-    let ids: Vec<&str> = ids.iter().map(|d| d.as_str()).collect();
-    Ok(Json(json!({ "documents": ids })).into_response())
+    let docs = state.docs.list(after.as_ref(), limit).await?;
+    let next = (docs.len() == limit).then(|| docs.last().map(|(id, _)| id.to_string()));
+    let documents: Vec<serde_json::Value> = docs
+        .iter()
+        .map(|(id, info)| {
+            json!({
+                "id": id.as_str(),
+                "heads": info.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "changes": info.changes,
+                "size": info.stored_bytes,
+                "pending": info.pending,
+                "loaded": info.was_hot,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "documents": documents, "next": next.flatten() })).into_response())
 }

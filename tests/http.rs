@@ -597,7 +597,15 @@ async fn cors_and_server_routes() {
         .json()
         .await
         .unwrap();
-    assert_eq!(list["documents"], serde_json::json!(["cors"]));
+    assert_eq!(list["documents"][0]["id"], "cors", "{list}");
+    assert_eq!(list["documents"].as_array().unwrap().len(), 1, "{list}");
+    assert!(
+        list["documents"][0]["changes"].as_u64().unwrap() >= 1,
+        "{list}"
+    );
+    assert!(list["documents"][0]["size"].as_u64().unwrap() > 0, "{list}");
+    assert_eq!(list["documents"][0]["heads"].as_array().unwrap().len(), 1);
+    assert_eq!(list["next"], serde_json::Value::Null);
 }
 
 #[tokio::test]
@@ -663,7 +671,7 @@ async fn cors_origin_can_be_restricted() {
 #[tokio::test]
 async fn after_a_delete_changes_on_the_old_history_wait_but_make_no_document() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start_with(dir.path(), &["--max-pending-changes", "3"]);
+    let mut relay = Relay::start_with(dir.path(), &["--max-pending-changes", "3"]);
     let c = client();
     let url = relay.url("/gone");
     let mut doc = base_doc();
@@ -685,6 +693,27 @@ async fn after_a_delete_changes_on_the_old_history_wait_but_make_no_document() {
             "changes that only wait make no document"
         );
     }
+    // Nor are they listed: not while the document is hot, nor after a restart loads it anew.
+    let listed = |relay_url: String| {
+        let c = c.clone();
+        async move {
+            let v: serde_json::Value = c.get(relay_url).send().await.unwrap().json().await.unwrap();
+            v["documents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    let (status, _, _) = post(&c, &relay.url("/kept"), base_doc().save()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(listed(relay.url("/_/docs")).await, vec!["kept"]);
+    relay.kill9();
+    relay.restart();
+    assert_eq!(listed(relay.url("/_/docs")).await, vec!["kept"]);
+    assert_eq!(listed(relay.url("/_/docs?limit=1")).await, vec!["kept"]);
+    let url = relay.url("/gone");
     // Past --max-pending-changes they are refused, nothing more is stored.
     let heads = doc.get_heads();
     add_item(&mut doc, "one too many");

@@ -138,6 +138,24 @@ pub enum Command {
     },
     /// The memory budget is exceeded: leave memory once idle (reloaded on demand).
     Evict,
+    /// What the document holds (`None` when it does not exist), for listings.
+    Info {
+        reply: Reply<Option<DocInfo>>,
+    },
+}
+
+/// One document's figures, as its owner has them (loaded from the store if it was not hot).
+#[derive(Debug, Clone)]
+pub struct DocInfo {
+    pub heads: Vec<ChangeHash>,
+    /// Applied changes.
+    pub changes: u64,
+    /// Bytes of its stored chunks.
+    pub stored_bytes: u64,
+    /// Changes waiting for missing dependencies.
+    pub pending: usize,
+    /// It was in memory before it was asked (a listing loads the others).
+    pub was_hot: bool,
 }
 
 impl Command {
@@ -153,6 +171,9 @@ impl Command {
                 let _ = r.reply.send(Err(err));
             }
             Command::Delete { reply } => {
+                let _ = reply.send(Err(err));
+            }
+            Command::Info { reply } => {
                 let _ = reply.send(Err(err));
             }
             Command::Subscribe(s) => {

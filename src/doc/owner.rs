@@ -24,7 +24,7 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::api::{Command, DocEvent, Precondition, RepoSync, WriteJob, WriteRequest};
+use super::api::{Command, DocEvent, DocInfo, Precondition, RepoSync, WriteJob, WriteRequest};
 use super::chunks::{ChunkSize, Chunks};
 use super::durable::{self, Durable};
 use super::evictor::Gauge;
@@ -307,6 +307,17 @@ impl Owner {
         }
     }
 
+    /// `None` when the document has no applied changes (it does not exist).
+    fn info(&self) -> Option<DocInfo> {
+        self.state.exists.then(|| DocInfo {
+            heads: self.state.doc.get_heads(),
+            changes: self.state.doc.stats().num_changes,
+            stored_bytes: self.chunks.stored_bytes(),
+            pending: self.state.stored_pending.len(),
+            was_hot: true,
+        })
+    }
+
     fn epoch(&self) -> u64 {
         self.hint.borrow().epoch
     }
@@ -379,6 +390,11 @@ impl Owner {
                     self.state.peers.remove(&conn);
                 }
                 Command::Evict => self.evict_requested = true,
+                // Answered at once, from the state before this batch's writes: a listing
+                // needs no barrier against writes in flight.
+                Command::Info { reply } => {
+                    let _ = reply.send(Ok(self.info()));
+                }
             }
         }
         // An empty turn still runs when repo peers are due (a flush turn).

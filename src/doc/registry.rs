@@ -15,8 +15,8 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::api::{
-    Command, Precondition, ReadOutcome, ReadRequest, RepoSync, SubscribeRequest, Subscription,
-    WriteJob, WriteOutcome, WriteRequest,
+    Command, DocInfo, Precondition, ReadOutcome, ReadRequest, RepoSync, SubscribeRequest,
+    Subscription, WriteJob, WriteOutcome, WriteRequest,
 };
 use super::evictor::{self, Candidate, Gauge};
 use super::owner::Owner;
@@ -290,18 +290,56 @@ impl Documents {
         self.inner.forward(id, Command::RepoDetach { conn }).await;
     }
 
-    /// Lists stored documents (paged by id).
+    /// Whether the store answers a listing (what `/_/ready` asks).
+    pub async fn store_answers(&self) -> Result<(), RelayError> {
+        self.inner
+            .shared
+            .store
+            .list(None, 1)
+            .await
+            .map(|_| ())
+            .map_err(|e| store_error(&e))
+    }
+
+    /// What the document holds; `None` when it does not exist (no applied changes).
+    pub async fn info(&self, id: &DocId) -> Result<Option<DocInfo>, RelayError> {
+        self.call(id, |reply| Command::Info { reply }).await
+    }
+
+    /// Lists existing documents (paged by id), with their figures. The store lists every id
+    /// with stored chunks; an id whose stored changes all wait for missing dependencies is no
+    /// document and is skipped, so each candidate is asked of its owner (which loads it).
     pub async fn list(
         &self,
         after: Option<&DocId>,
         limit: usize,
-    ) -> Result<Vec<DocId>, RelayError> {
-        self.inner
-            .shared
-            .store
-            .list(after, limit)
-            .await
-            .map_err(|e| store_error(&e))
+    ) -> Result<Vec<(DocId, DocInfo)>, RelayError> {
+        let mut out = Vec::new();
+        let mut cursor = after.cloned();
+        loop {
+            let ids = self
+                .inner
+                .shared
+                .store
+                .list(cursor.as_ref(), limit)
+                .await
+                .map_err(|e| store_error(&e))?;
+            let exhausted = ids.len() < limit;
+            for id in ids {
+                cursor = Some(id.clone());
+                let was_hot = self.inner.owners.contains_key(&id);
+                if let Some(mut info) = self.info(&id).await? {
+                    info.was_hot = was_hot;
+                    out.push((id, info));
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if exhausted {
+                return Ok(out);
+            }
+        }
     }
 
     /// How the store is doing: whether it takes writes, and the disk's free space.
