@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,12 +74,48 @@ pub struct TokenPrintout {
     pub text: Result<String, String>,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+/// `--store`: which backend holds the documents.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreKind {
     /// Embedded sled database in --data-dir (durable).
     Sled,
     /// In memory only: everything is lost at exit. For experiments and tests.
     Memory,
+    /// PostgreSQL at this URL, shared by every node that names it.
+    Postgres(String),
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreKind::Sled => f.write_str("sled"),
+            StoreKind::Memory => f.write_str("memory"),
+            StoreKind::Postgres(url) => f.write_str(&crate::storage::redacted(url)),
+        }
+    }
+}
+
+/// Parses `--store`: `sled`, `memory`, or a `postgres://` (or `postgresql://`) URL.
+pub fn parse_store(raw: &str) -> Result<StoreKind, String> {
+    let s = raw.trim();
+    match s {
+        "sled" => Ok(StoreKind::Sled),
+        "memory" => Ok(StoreKind::Memory),
+        _ if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+            Ok(StoreKind::Postgres(s.to_owned()))
+        }
+        _ => Err("expected sled, memory or a postgres://user@host:port/db URL".to_owned()),
+    }
+}
+
+/// Parses `--fanout`: a `redis://` URL.
+pub fn parse_fanout(raw: &str) -> Result<String, String> {
+    let s = raw.trim();
+    if s.starts_with("redis://") || s.starts_with("rediss://") {
+        Ok(s.to_owned())
+    } else {
+        Err("expected a redis://host:port URL".to_owned())
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -92,9 +128,33 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_DATA_DIR", default_value = "./relay-data")]
     pub data_dir: PathBuf,
 
-    /// Storage backend.
-    #[arg(long, env = "RELAY_STORE", value_enum, default_value = "sled")]
+    /// Storage backend: `sled` (embedded, in --data-dir), `memory` (lost at exit), or a
+    /// PostgreSQL URL (`postgres://user@host:port/db`) that several relay nodes share.
+    #[arg(long, env = "RELAY_STORE", default_value = "sled", value_parser = parse_store)]
     pub store: StoreKind,
+
+    /// Most connections to PostgreSQL this node opens (with --store postgres://…).
+    #[arg(long, env = "RELAY_STORE_POOL", default_value_t = 16)]
+    pub store_pool: usize,
+
+    /// Redis URL (`redis://host:port`) over which nodes sharing one PostgreSQL store pass
+    /// each other their persisted changes, so subscribers on every node see them at once.
+    #[arg(long, env = "RELAY_FANOUT", value_parser = parse_fanout)]
+    pub fanout: Option<String>,
+
+    /// Prefix of this cluster's Redis channels, so several clusters can share one Redis.
+    #[arg(long, env = "RELAY_FANOUT_PREFIX", default_value = "relay:")]
+    pub fanout_prefix: String,
+
+    /// Changes larger than this are announced over Redis, not sent: the other nodes read
+    /// them from the store.
+    #[arg(long, env = "RELAY_FANOUT_MAX_MESSAGE", default_value = "256KiB", value_parser = parse_size)]
+    pub fanout_max_message: usize,
+
+    /// Seconds between two checks of every hot document against the store, which repair
+    /// changes a node missed over Redis (0: never).
+    #[arg(long, env = "RELAY_HEADS_CHECK_SECS", default_value_t = 30)]
+    pub heads_check_secs: u64,
 
     /// Page cache of the embedded store, on top of --memory-budget. sled's real footprint is
     /// about 1.3 times this once full; the hot documents are the main cache.

@@ -26,8 +26,8 @@ use crate::repo::hub::Hub;
 use crate::router::router;
 use crate::state::{AppState, Limits};
 use crate::storage::{
-    DiskSpace, FaultSwitch, FaultyStore, GuardedStore, Guarding, MemoryStore, MinFree, Opened,
-    SledStore, Store,
+    redacted, DiskSpace, FaultSwitch, FaultyStore, GuardedStore, Guarding, MemoryStore, MinFree,
+    Opened, PgSettings, PostgresStore, SledStore, Store,
 };
 use crate::upload::UploadGate;
 
@@ -58,10 +58,11 @@ fn min_free(args: &ServeArgs) -> Option<MinFree> {
 }
 
 /// Opens the configured store, guarded. A sled store that has no room to open yet is
-/// returned unhealthy and opens itself once space allows. Must run inside the runtime.
-pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
+/// returned unhealthy and opens itself once space allows; a PostgreSQL store must be reachable
+/// at start (its schema is created or migrated then).
+pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
     let mut deferred = None;
-    let (backend, mut disk): (Arc<dyn Store>, Option<DiskSpace>) = match args.store {
+    let (backend, mut disk): (Arc<dyn Store>, Option<DiskSpace>) = match &args.store {
         StoreKind::Sled => {
             let disk = min_free(args).map(|m| DiskSpace::new(&args.data_dir, m));
             match SledStore::open_or_defer(&args.data_dir, args.store_cache as u64) {
@@ -75,6 +76,19 @@ pub fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>, ServeError> {
             }
         }
         StoreKind::Memory => (Arc::new(MemoryStore::new()), None),
+        StoreKind::Postgres(url) => {
+            let settings = PgSettings {
+                max_connections: args.store_pool,
+                connect_timeout: args.store_timeout().min(Duration::from_secs(5)),
+            };
+            let store = PostgresStore::connect(url, settings).await.map_err(|e| {
+                ServeError::Store(format!(
+                    "cannot open the PostgreSQL store {}: {e}",
+                    redacted(url)
+                ))
+            })?;
+            (Arc::new(store), None)
+        }
     };
     let backend: Arc<dyn Store> = match &args.test_faults {
         Some(file) => {
@@ -124,7 +138,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
     }
     let max_connections = accept::fit_to_fd_limit(args.max_connections, accept::raise_fd_limit());
     let live = ConnectionLimits::new(max_connections, args.max_doc_connections);
-    let store = open_store(&args)?;
+    let store = open_store(&args).await?;
     let docs = Documents::with_config(
         store,
         DocConfig {
@@ -166,7 +180,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         let _ = writeln!(out, "listening on http://{addr}");
         let _ = out.flush();
     }
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), store = ?args.store, open = auth.is_open(), "automerge-relay started");
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), store = %args.store, open = auth.is_open(), "automerge-relay started");
     tokio::spawn(reload_on_hangup(auth, shutdown.clone()));
 
     let grace = Duration::from_secs(args.shutdown_grace_secs);

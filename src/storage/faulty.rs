@@ -182,6 +182,10 @@ impl Store for FaultyStore {
         self.inner.list(after, limit)
     }
 
+    fn keys(&self, doc: &DocId) -> StoreFuture<'_, Vec<ChunkKey>> {
+        self.inner.keys(doc)
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.switch.before_write("flush").await?;

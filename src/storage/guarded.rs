@@ -304,6 +304,11 @@ impl Store for GuardedStore {
         Box::pin(self.checked("load", move |s| s.load(&doc)))
     }
 
+    fn keys(&self, doc: &DocId) -> StoreFuture<'_, Vec<ChunkKey>> {
+        let doc = doc.clone();
+        Box::pin(self.checked("keys", move |s| s.keys(&doc)))
+    }
+
     fn append(&self, doc: &DocId, bytes: Vec<u8>) -> StoreFuture<'_, ChunkKey> {
         let doc = doc.clone();
         let len = bytes.len() as u64;

@@ -19,6 +19,7 @@ mod disk;
 mod faulty;
 mod guarded;
 mod memory;
+mod postgres;
 mod sled_store;
 
 use std::future::Future;
@@ -30,6 +31,7 @@ pub use disk::{DiskSpace, MinFree};
 pub use faulty::{Fault, FaultSwitch, FaultyStore};
 pub use guarded::{GuardedStore, Guarding, StoreHealth};
 pub use memory::MemoryStore;
+pub use postgres::{redacted, PgSettings, PostgresStore};
 pub use sled_store::{Opened, SledStore};
 
 use crate::id::DocId;
@@ -136,6 +138,13 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub trait Store: Send + Sync + 'static {
     /// Every chunk stored for `doc`, snapshots first. Empty when the document is unknown.
     fn load(&self, doc: &DocId) -> StoreFuture<'_, Vec<StoredChunk>>;
+
+    /// The keys of every chunk stored for `doc`: what a node compares with the chunks it
+    /// knows to find writes it missed. By default, a load.
+    fn keys(&self, doc: &DocId) -> StoreFuture<'_, Vec<ChunkKey>> {
+        let doc = doc.clone();
+        Box::pin(async move { Ok(self.load(&doc).await?.into_iter().map(|c| c.key).collect()) })
+    }
 
     /// Durably appends one incremental chunk and returns its key.
     fn append(&self, doc: &DocId, bytes: Vec<u8>) -> StoreFuture<'_, ChunkKey>;
