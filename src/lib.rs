@@ -17,6 +17,7 @@
 mod accept;
 mod alloc;
 mod auth;
+mod cluster;
 mod config;
 mod doc;
 mod error;

@@ -69,6 +69,13 @@ fn log_filter(from_env: &str) -> EnvFilter {
             filter = filter.add_directive(quiet);
         }
     }
+    // PostgreSQL's notices ("relation … already exists, skipping" when a node starts on a
+    // migrated schema) are not the relay's events; its errors reach the relay's own logs.
+    if !from_env.contains("tokio_postgres") {
+        if let Ok(quiet) = "tokio_postgres=warn".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     filter
 }
 

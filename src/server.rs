@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::{self, AcceptSettings};
 use crate::auth::Auth;
+use crate::cluster::{spawn_heads_check, FanoutSettings, RedisFanout};
 use crate::config::{MinFreeDisk, ServeArgs, StoreKind};
 use crate::doc::{DocConfig, Documents};
 use crate::limits::ConnectionLimits;
@@ -149,6 +150,35 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
             subscriber_queue_bytes: args.max_peer_queue,
         },
     );
+    if let Some(url) = &args.fanout {
+        if !matches!(args.store, StoreKind::Postgres(_)) {
+            return Err(ServeError::Config(
+                "--fanout passes changes between nodes that share one store: it needs \
+                 --store postgres://… (with sled or memory each node would keep changes the \
+                 others never stored)"
+                    .into(),
+            ));
+        }
+        let fanout = RedisFanout::start(
+            FanoutSettings {
+                url: url.clone(),
+                prefix: args.fanout_prefix.clone(),
+                max_message: args.fanout_max_message,
+            },
+            docs.clone(),
+            shutdown.clone(),
+        )
+        .map_err(ServeError::Config)?;
+        docs.join_cluster(fanout);
+    }
+    // Nodes sharing a store check their hot documents against it, with or without fan-out.
+    if matches!(args.store, StoreKind::Postgres(_)) && args.heads_check_secs > 0 {
+        spawn_heads_check(
+            docs.clone(),
+            Duration::from_secs(args.heads_check_secs),
+            shutdown.clone(),
+        );
+    }
     let tasks = TaskTracker::new();
     let state = AppState {
         docs: docs.clone(),
@@ -180,7 +210,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         let _ = writeln!(out, "listening on http://{addr}");
         let _ = out.flush();
     }
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), store = %args.store, open = auth.is_open(), "automerge-relay started");
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), store = %args.store, fanout = ?args.fanout.as_deref().map(redacted), open = auth.is_open(), "automerge-relay started");
     tokio::spawn(reload_on_hangup(auth, shutdown.clone()));
 
     let grace = Duration::from_secs(args.shutdown_grace_secs);

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::peer::PeerLink;
 use super::ConnId;
 use crate::error::RelayError;
+use crate::storage::ChunkKey;
 use crate::upload::Upload;
 
 /// Where an owner sends one request's result.
@@ -35,6 +36,28 @@ pub struct WriteJob {
     pub precondition: Precondition,
     /// The connection that sent it, if any (not echoed back to it).
     pub origin: Option<ConnId>,
+    /// Who stored (or stores) its changes.
+    pub source: Source,
+}
+
+/// Where a write's changes come from, which decides who stores them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Source {
+    /// A client of this node: this node stores them, within its limits.
+    #[default]
+    Client,
+    /// Another node stored them as the chunk `key` (`len` bytes) and published it.
+    Published { key: ChunkKey, len: usize },
+    /// Read back from the store (a catch-up with what other nodes stored).
+    Store,
+}
+
+impl Source {
+    /// The changes are stored already, by another node: applied without being stored again,
+    /// past every limit (the store holds them whatever this node thinks of them).
+    pub fn is_stored(&self) -> bool {
+        !matches!(self, Source::Client)
+    }
 }
 
 /// A write: the job, and who waits for its outcome (nobody, for a repo peer's changes unless
@@ -138,6 +161,11 @@ pub enum Command {
     },
     /// The memory budget is exceeded: leave memory once idle (reloaded on demand).
     Evict,
+    /// Compare the chunks known here with the store's and take in what other nodes stored
+    /// (`deleted`: another node said it deleted the document).
+    Refresh {
+        deleted: bool,
+    },
     /// What the document holds (`None` when it does not exist), for listings.
     Info {
         reply: Reply<Option<DocInfo>>,
@@ -184,7 +212,7 @@ impl Command {
                     let _ = reply.send(Err(err));
                 }
             }
-            Command::RepoDetach { .. } | Command::Evict => {}
+            Command::RepoDetach { .. } | Command::Evict | Command::Refresh { .. } => {}
         }
     }
 }

@@ -142,6 +142,21 @@ impl Chunks {
         }
     }
 
+    pub(super) fn contains(&self, key: &ChunkKey) -> bool {
+        self.list.iter().any(|(k, _)| k == key)
+    }
+
+    /// Forgets the chunks that are no longer stored (another node compacted them away).
+    pub(super) fn keep_only(&mut self, stored: &std::collections::HashSet<ChunkKey>) {
+        for (k, s) in std::mem::take(&mut self.list) {
+            if stored.contains(&k) {
+                self.list.push((k, s));
+            } else {
+                self.count(&k, s, false);
+            }
+        }
+    }
+
     /// Every known chunk's key (what a snapshot taken now replaces).
     pub(super) fn keys(&self) -> Vec<ChunkKey> {
         self.list.iter().map(|(k, _)| k.clone()).collect()

@@ -109,6 +109,12 @@ pub(super) fn merge(
             .map(|m| m.hash)
             .collect()
     };
+    // Only this node's writes are stored by it: a turn of changes other nodes stored (and
+    // published) changes the document in memory and is pushed, but writes nothing.
+    let stores_any = jobs
+        .iter()
+        .zip(&outcomes)
+        .any(|(job, outcome)| !job.source.is_stored() && outcome.is_none());
     let account = account(state, &jobs, outcomes, &new);
 
     let new_bytes = if new.is_empty() {
@@ -126,6 +132,9 @@ pub(super) fn merge(
     let mut persist = new_bytes;
     persist.extend_from_slice(&account.persist_pending);
     let changed = !persist.is_empty();
+    if !stores_any {
+        persist.clear();
+    }
     // A document exists once it has an applied change: changes that only wait for
     // dependencies are stored (and applied when those arrive) but make nothing to read.
     state.exists = !heads.is_empty();
@@ -208,6 +217,12 @@ fn apply(
     let mut waiting = waiting;
     for (i, job) in jobs.iter().enumerate() {
         outcomes.push(None);
+        // Changes another node stored are the store's truth: no limit of ours applies.
+        if job.source.is_stored() {
+            group.add(i, job, rules.epoch);
+            accepted_any = true;
+            continue;
+        }
         // Changes that will wait for dependencies are bounded per document: a client sending
         // changes whose history was deleted (or never sent) must not grow them forever.
         let would_wait = job
@@ -420,6 +435,7 @@ impl Group {
 
 #[cfg(test)]
 mod tests {
+    use super::super::api::Source;
     use super::*;
     use crate::upload::parse_upload;
     use automerge::transaction::Transactable;
@@ -445,6 +461,7 @@ mod tests {
             upload: parse_upload(bytes.into()).unwrap(),
             precondition: Precondition::None,
             origin,
+            source: Source::Client,
         }
     }
 
@@ -490,6 +507,63 @@ mod tests {
         let mut reloaded = Automerge::new();
         reloaded.load_incremental(&e.persist).unwrap();
         assert_eq!(reloaded.get_heads(), state.doc.get_heads());
+    }
+
+    fn remote(bytes: Vec<u8>) -> WriteJob {
+        let key =
+            crate::storage::ChunkKey::for_bytes(crate::storage::ChunkKind::Incremental, &bytes);
+        let len = bytes.len();
+        WriteJob {
+            source: Source::Published { key, len },
+            ..job(bytes, None)
+        }
+    }
+
+    #[test]
+    fn changes_another_node_stored_are_applied_and_pushed_but_not_stored_again() {
+        let mut state = DocState::default();
+        let mut a = AutoCommit::new();
+        let e = run(&mut state, vec![remote(edit(&mut a, "x", 1))]);
+        assert!(state.exists);
+        assert_eq!(state.doc.get_heads(), a.get_heads());
+        assert!(e.persist.is_empty(), "the other node stored it");
+        assert_eq!(
+            e.push.as_ref().unwrap().sole_origin,
+            None,
+            "pushed to everyone"
+        );
+        // Past every limit of this node: the store holds them anyway.
+        let tight = Rules {
+            size_room: 0,
+            max_pending: 0,
+            ..rules()
+        };
+        let first = edit(&mut a, "x", 2);
+        let second = edit(&mut a, "x", 3);
+        let work = Work {
+            jobs: vec![remote(second)],
+            ..Work::default()
+        };
+        let e = merge(&id(), &mut state, work, &tight, Instant::now());
+        assert!(e.results[0].is_ok());
+        assert!(
+            e.persist.is_empty(),
+            "a waiting remote change is not stored either"
+        );
+        assert_eq!(state.stored_pending.len(), 1);
+        // With a local write in the same turn, the turn stores what it applied.
+        let mut b = AutoCommit::new();
+        let e = run(
+            &mut state,
+            vec![remote(first), job(edit(&mut b, "y", 1), Some(3))],
+        );
+        assert_eq!(state.doc.get_heads().len(), 2);
+        assert_eq!(state.doc.get_heads(), {
+            let mut both = a.clone();
+            both.merge(&mut b).unwrap();
+            both.get_heads()
+        });
+        assert!(!e.persist.is_empty());
     }
 
     #[test]

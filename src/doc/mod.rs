@@ -8,10 +8,12 @@
 //! - `owner`: the task loop and the document's lifecycle; `turn`: a merged turn waiting for
 //!   its durable write; `durable`: the last durable state and going back to it; `merge`: the pure batch merge; `exchange` + `peer_sync`: the repo
 //!   peers' sync; `chunks`: stored chunks and their totals; `listeners`: subscribers and peers;
-//! - `shared`: settings and counters every owner shares, and the owners' narrow handle.
+//! - `shared`: settings and counters every owner shares, and the owners' narrow handle;
+//! - `cluster`: what owners tell the other nodes sharing the store, and hear from them.
 
 mod api;
 mod chunks;
+mod cluster;
 mod durable;
 mod etag;
 mod evictor;
@@ -30,6 +32,7 @@ mod turn;
 mod owner_tests;
 
 pub use api::{DocEvent, Precondition, ReadOutcome, Subscription, WriteOutcome};
+pub use cluster::{Cluster, Watching};
 pub use etag::{etag_for, parse_heads};
 pub use peer::{Outgoing, PeerLink, PeerQueue, Queued};
 pub use peer_sync::PeerSync;

@@ -24,7 +24,9 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::api::{Command, DocEvent, DocInfo, Precondition, RepoSync, WriteJob, WriteRequest};
+use super::api::{
+    Command, DocEvent, DocInfo, Precondition, RepoSync, Source, WriteJob, WriteRequest,
+};
 use super::chunks::{ChunkSize, Chunks};
 use super::durable::{self, Durable};
 use super::evictor::Gauge;
@@ -134,6 +136,11 @@ impl Owner {
     /// It ends when it retires or when every sender is gone (shutdown), after finishing
     /// everything queued.
     pub(super) async fn run(mut self: Box<Self>) {
+        // Watch the other nodes' messages first: a batch they persist after our load is
+        // then seen, not only found by the next check against the store.
+        if let Some(cluster) = self.shared.cluster().cloned() {
+            cluster.watch(&self.id).await;
+        }
         Box::pin(self.load()).await;
         loop {
             let first = tokio::select! {
@@ -196,6 +203,9 @@ impl Owner {
             self.shared.stats.evicted();
             tracing::debug!(doc = %self.id, "evicted from memory");
         }
+        if let Some(cluster) = self.shared.cluster() {
+            cluster.unwatch(&self.id);
+        }
         self.hand_over_leftovers().await;
         true
     }
@@ -222,11 +232,18 @@ impl Owner {
 
     /// After the registry dropped us, commands sent through clones taken before that are
     /// forwarded to the document's next owner: nothing is lost, nothing runs twice.
-    /// A late `Evict` is dropped: forwarding it would load the document only to evict it.
+    /// Commands only a hot document needs are dropped.
     async fn hand_over_leftovers(&mut self) {
         self.rx.close();
         while let Some(cmd) = self.rx.recv().await {
-            if !matches!(cmd, Command::Evict) {
+            // A late `Evict` would load the document only to evict it; what another node
+            // said is for hot documents only (the next owner loads the store anyway).
+            let hot_only = match &cmd {
+                Command::Evict | Command::Refresh { .. } => true,
+                Command::Write(w) => w.job.source.is_stored(),
+                _ => false,
+            };
+            if !hot_only {
                 self.registry.forward(self.id.clone(), cmd).await;
             }
         }
@@ -359,7 +376,12 @@ impl Owner {
             match cmd {
                 Command::Write(w) => {
                     let WriteRequest { job, reply } = *w;
-                    if let Err(err) = self.admit(&job, &mut gate) {
+                    // Another node stored it: nothing to admit.
+                    let admitted = match job.source {
+                        Source::Client => self.admit(&job, &mut gate),
+                        _ => Ok(()),
+                    };
+                    if let Err(err) = admitted {
                         if let Some(reply) = reply {
                             let _ = reply.send(Err(err));
                         }
@@ -390,6 +412,12 @@ impl Owner {
                     self.state.peers.remove(&conn);
                 }
                 Command::Evict => self.evict_requested = true,
+                Command::Refresh { deleted } => {
+                    self.run_turn(mem::take(&mut work), mem::take(&mut replies))
+                        .await;
+                    self.drain().await;
+                    Box::pin(self.refresh(deleted)).await;
+                }
                 // Answered at once, from the state before this batch's writes: a listing
                 // needs no barrier against writes in flight.
                 Command::Info { reply } => {
@@ -472,6 +500,7 @@ impl Owner {
                 upload,
                 precondition: Precondition::None,
                 origin: Some(conn),
+                source: Source::Client,
             };
             if let Err(err) = self.admit(&job, gate) {
                 if let Some(reply) = reply {
@@ -514,6 +543,17 @@ impl Owner {
                 && self.shared.store.admit(self.chunks.stored_bytes()).is_ok(),
             repo_interval: config.repo_sync_interval,
         };
+        // Chunks other nodes published whose changes this turn takes in: known once merged
+        // (a compaction may delete only chunks whose changes the document holds).
+        let published: Vec<(usize, ChunkKey, usize)> = work
+            .jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| match &j.source {
+                Source::Published { key, len } => Some((i, key.clone(), *len)),
+                _ => None,
+            })
+            .collect();
         let mut state = mem::take(&mut self.state);
         let id = self.id.clone();
         let started = std::time::Instant::now();
@@ -539,6 +579,12 @@ impl Owner {
             }
         };
         self.state = state;
+        for (i, key, len) in published {
+            let merged = effects.results.get(i).is_some_and(|r| r.is_ok());
+            if merged && !self.chunks.contains(&key) {
+                self.chunks.add(key, ChunkSize::incremental(len));
+            }
+        }
         // Peers whose links went while the states were away have no state to keep.
         let links = &self.links;
         self.state.peers.retain(|conn, _| links.has(*conn));
@@ -563,6 +609,10 @@ impl Owner {
         let persist = (!bytes.is_empty()).then(|| {
             let store = self.shared.store.clone();
             let id = self.id.clone();
+            let published = self
+                .shared
+                .cluster()
+                .map(|_| bytes::Bytes::copy_from_slice(&bytes));
             self.shared.tasks.spawn(async move {
                 let len = bytes.len();
                 let t = std::time::Instant::now();
@@ -571,6 +621,7 @@ impl Owner {
                     key,
                     len,
                     took: t.elapsed(),
+                    published,
                 })
             })
         });
@@ -654,6 +705,108 @@ impl Owner {
         self.reset_repo_states();
     }
 
+    /// Takes in what other nodes stored and this node has not seen (a message it missed,
+    /// a reconnect, the periodic check; `cluster.rs`). The chunk keys known here are compared
+    /// with the store's; only when the store has others is the document read back. When
+    /// the store no longer holds the history served here, the document was deleted
+    /// elsewhere (and maybe created anew): its subscribers are told, as for a delete here,
+    /// and it is served from the store from now on.
+    async fn refresh(&mut self, deleted: bool) {
+        if self.load_error.is_some() {
+            return; // the next command loads it anyway
+        }
+        let stored: HashSet<ChunkKey> = match self.shared.store.keys(&self.id).await {
+            Ok(keys) => keys.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(doc = %self.id, error = %e, "cannot compare the document with the store");
+                return;
+            }
+        };
+        let known: HashSet<ChunkKey> = self.chunks.keys().into_iter().collect();
+        if !deleted && stored.is_subset(&known) && !(stored.is_empty() && self.state.exists) {
+            // Up to date; chunks another node compacted away are forgotten.
+            self.chunks.keep_only(&stored);
+            return;
+        }
+        let loaded = match self.read_store().await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::warn!(doc = %self.id, error = %e, "cannot read the document back from the store");
+                return;
+            }
+        };
+        let ours = self.state.doc.get_heads();
+        let kept = ours
+            .iter()
+            .all(|h| loaded.doc.get_change_meta_by_hash(h).is_some());
+        if !kept {
+            metrics::counter!("relay_fanout_catchups_total", "found" => "deleted").increment(1);
+            tracing::info!(doc = %self.id, "deleted on another node");
+            let existed = self.state.exists;
+            self.forget(existed);
+            self.install(loaded);
+            return;
+        }
+        metrics::counter!("relay_fanout_catchups_total", "found" => "changes").increment(1);
+        let delta = loaded.doc.save_after(&ours);
+        let sizes: Vec<(ChunkKey, ChunkSize)> = loaded
+            .chunks
+            .iter()
+            .zip(&loaded.sizes)
+            .filter(|(c, _)| !known.contains(&c.key))
+            .map(|(c, size)| (c.key.clone(), *size))
+            .collect();
+        // Changes still waiting for dependencies in the store wait here too.
+        let waiting: Vec<u8> = loaded
+            .chunks
+            .iter()
+            .filter(|c| !known.contains(&c.key))
+            .flat_map(|c| c.bytes.iter().copied())
+            .collect();
+        let parsed = tokio::task::spawn_blocking(move || {
+            let mut bytes = delta;
+            bytes.extend_from_slice(&waiting);
+            crate::upload::parse_upload(bytes.into())
+        })
+        .await;
+        let upload = match parsed {
+            Ok(Ok(upload)) => upload,
+            Ok(Err(e)) => {
+                tracing::warn!(doc = %self.id, error = %e, "what other nodes stored does not parse; reloading");
+                self.reload().await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(doc = %self.id, error = %e, "parse task failed");
+                return;
+            }
+        };
+        let work = Work {
+            jobs: vec![WriteJob {
+                upload,
+                precondition: Precondition::None,
+                origin: None,
+                source: Source::Store,
+            }],
+            ..Work::default()
+        };
+        let replies = Replies {
+            writes: vec![None],
+            ..Replies::default()
+        };
+        self.run_turn(work, replies).await;
+        self.drain().await;
+        if self.stale || self.load_error.is_some() {
+            return; // went back (or reloaded): the chunks were recounted
+        }
+        self.chunks.keep_only(&stored);
+        for (key, size) in sizes {
+            if !self.chunks.contains(&key) {
+                self.chunks.add(key, size);
+            }
+        }
+    }
+
     fn reset_repo_states(&mut self) {
         for peer in self.state.peers.values_mut() {
             peer.reset();
@@ -671,7 +824,12 @@ impl Owner {
         match persisted {
             Ok(Some(p)) => {
                 self.shared.stats.persisted(p.took);
-                self.chunks.add(p.key, ChunkSize::incremental(p.len));
+                if let (Some(cluster), Some(bytes)) = (self.shared.cluster(), p.published) {
+                    cluster.published(&self.id, &p.key, bytes);
+                }
+                if !self.chunks.contains(&p.key) {
+                    self.chunks.add(p.key, ChunkSize::incremental(p.len));
+                }
             }
             Ok(None) => {}
             Err(err) => {
@@ -718,6 +876,15 @@ impl Owner {
             .delete(&self.id)
             .await
             .map_err(|e| store_error(&e))?;
+        if let Some(cluster) = self.shared.cluster() {
+            cluster.deleted(&self.id);
+        }
+        self.forget(existed);
+        Ok(existed)
+    }
+
+    /// The document is gone from the store: drop it from memory, tell its subscribers.
+    fn forget(&mut self, existed: bool) {
         self.state.doc = Automerge::new();
         self.state.exists = false;
         self.durable = Durable::default();
@@ -734,7 +901,6 @@ impl Owner {
         // Repo peers keep their copies; their next sync starts from nothing (and re-creates
         // the document if they still have it).
         self.reset_repo_states();
-        Ok(existed)
     }
 
     fn start_compaction(&mut self, snapshot: Vec<u8>) {

@@ -15,9 +15,10 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::api::{
-    Command, DocInfo, Precondition, ReadOutcome, ReadRequest, RepoSync, SubscribeRequest,
+    Command, DocInfo, Precondition, ReadOutcome, ReadRequest, RepoSync, Source, SubscribeRequest,
     Subscription, WriteJob, WriteOutcome, WriteRequest,
 };
+use super::cluster::Cluster;
 use super::evictor::{self, Candidate, Gauge};
 use super::owner::Owner;
 use super::peer::PeerLink;
@@ -26,7 +27,7 @@ use super::stats::StatsSnapshot;
 use super::ConnId;
 use crate::error::RelayError;
 use crate::id::DocId;
-use crate::storage::Store;
+use crate::storage::{ChunkKey, Store};
 use crate::upload::{Hint, Upload};
 
 /// Commands that may wait in one owner's queue before senders wait.
@@ -219,6 +220,7 @@ impl Documents {
                     upload,
                     precondition,
                     origin,
+                    source: Source::Client,
                 },
                 reply: Some(reply),
             }))
@@ -288,6 +290,49 @@ impl Documents {
     /// Tells the document's owner that a repo connection is gone.
     pub async fn repo_detach(&self, id: &DocId, conn: ConnId) {
         self.inner.forward(id, Command::RepoDetach { conn }).await;
+    }
+
+    /// Sets up the other nodes sharing the store (once, before serving).
+    pub fn join_cluster(&self, cluster: Arc<dyn Cluster>) {
+        let _ = self.inner.shared.cluster.set(cluster);
+    }
+
+    /// The documents in memory now.
+    pub fn hot_ids(&self) -> Vec<DocId> {
+        self.inner.owners.iter().map(|h| h.key().clone()).collect()
+    }
+
+    /// Changes another node stored as chunk `key`, for the document's owner if it is hot
+    /// (a document not in memory reads them from the store when it loads).
+    pub async fn published_elsewhere(&self, id: &DocId, upload: Upload, key: ChunkKey) {
+        let len = upload.bytes.len();
+        self.send_if_hot(
+            id,
+            Command::Write(Box::new(WriteRequest {
+                job: WriteJob {
+                    upload,
+                    precondition: Precondition::None,
+                    origin: None,
+                    source: Source::Published { key, len },
+                },
+                reply: None,
+            })),
+        )
+        .await;
+    }
+
+    /// Another node deleted the document (or said something too large to send): if it is
+    /// hot, its owner compares it with the store.
+    pub async fn refresh(&self, id: &DocId, deleted: bool) {
+        self.send_if_hot(id, Command::Refresh { deleted }).await;
+    }
+
+    async fn send_if_hot(&self, id: &DocId, cmd: Command) {
+        let tx = self.inner.owners.get(id).map(|h| h.tx.clone());
+        if let Some(tx) = tx {
+            // An owner that retired meanwhile drops it: its successor loads the store.
+            let _ = tx.send(cmd).await;
+        }
     }
 
     /// Whether the store answers a listing (what `/_/ready` asks).

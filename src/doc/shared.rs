@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use super::api::Command;
+use super::cluster::Cluster;
 use super::stats::Stats;
 use crate::error::RelayError;
 use crate::id::DocId;
@@ -76,6 +77,8 @@ pub(super) struct Shared {
     /// Owner tasks and the store writes they start (persists, compactions): shutdown waits
     /// for all of them before the final flush.
     pub(super) tasks: TaskTracker,
+    /// The other nodes sharing the store, once the node set them up (none: single node).
+    pub(super) cluster: std::sync::OnceLock<Arc<dyn Cluster>>,
     epochs: AtomicU64,
 }
 
@@ -86,8 +89,13 @@ impl Shared {
             config,
             stats: Stats::default(),
             tasks: TaskTracker::new(),
+            cluster: std::sync::OnceLock::new(),
             epochs: AtomicU64::new(1),
         }
+    }
+
+    pub(super) fn cluster(&self) -> Option<&Arc<dyn Cluster>> {
+        self.cluster.get()
     }
 
     /// A number never handed out before (owner generations and document epochs).

@@ -87,6 +87,9 @@ pub(super) struct Persisted {
     pub(super) key: ChunkKey,
     pub(super) len: usize,
     pub(super) took: Duration,
+    /// The chunk's bytes, kept to publish to the other nodes once durable (when there are
+    /// other nodes).
+    pub(super) published: Option<bytes::Bytes>,
 }
 
 pub(super) type PersistTask = JoinHandle<Result<Persisted, StoreError>>;
