@@ -1,5 +1,6 @@
 //! Test support: start the real binary on a free loopback port, talk to it, stop it by pid.
 #![allow(dead_code)]
+pub mod services;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
