@@ -13,11 +13,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("error", &["metrics"]),
     ("id", &["error"]),
     ("auth", &["id", "metrics"]),
-    ("config", &["auth"]),
+    ("config", &["auth", "storage"]),
     ("upload", &["error"]),
     ("limits", &["error", "id"]),
     ("storage", &["id"]),
     ("doc", &["storage", "upload", "id", "error", "metrics"]),
+    ("cluster", &["doc", "storage", "upload", "id"]),
     ("live", &["doc", "error", "id"]),
     ("repo", &["doc", "upload", "id", "error"]),
     (
@@ -99,7 +100,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "server",
         &[
             "accept", "upload", "auth", "config", "doc", "state", "router", "limits", "live",
-            "repo", "storage", "metrics",
+            "repo", "storage", "metrics", "cluster",
         ],
     ),
 ];

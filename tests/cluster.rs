@@ -34,10 +34,11 @@ impl Node {
             fanout,
             "--fanout-prefix",
             prefix,
-            // Short, so that repairs of what the fan-out missed show within a test.
-            "--heads-check-secs",
-            "1",
         ];
+        if !extra.contains(&"--heads-check-secs") {
+            // Short, so that repairs of what the fan-out missed show within a test.
+            args.extend_from_slice(&["--heads-check-secs", "1"]);
+        }
         args.extend_from_slice(extra);
         let relay = Relay::start_with(dir.path(), &args);
         let port = Arc::new(AtomicU16::new(relay.port));
@@ -123,7 +124,10 @@ async fn writer(
         add_item(&mut doc, &format!("{name}-{k}"));
         let mine = doc.get_heads();
         loop {
-            assert!(Instant::now() < deadline, "{name} could not write for 120 s");
+            assert!(
+                Instant::now() < deadline,
+                "{name} could not write for 120 s"
+            );
             let body = doc.save_after(&acked_heads);
             let p = port.load(Ordering::SeqCst);
             let ok = match via {
@@ -247,31 +251,45 @@ async fn converged(
     subscribers: &[Arc<Mutex<Automerge>>],
 ) -> Vec<ChangeHash> {
     let c = client();
-    let heads = wait_for("every node to serve the same heads with every acknowledged change", Duration::from_secs(60), || {
-        let c = c.clone();
-        let ports: Vec<u16> = nodes.iter().map(|n| n.port.load(Ordering::SeqCst)).collect();
-        let id = id.to_string();
-        let acked = acked.to_vec();
-        async move {
-            let mut all = Vec::new();
-            for p in ports {
-                let doc = served(&c, p, &id).await?;
-                if acked.iter().any(|h| doc.get_change_meta_by_hash(h).is_none()) {
-                    return None;
+    let heads = wait_for(
+        "every node to serve the same heads with every acknowledged change",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            let ports: Vec<u16> = nodes
+                .iter()
+                .map(|n| n.port.load(Ordering::SeqCst))
+                .collect();
+            let id = id.to_string();
+            let acked = acked.to_vec();
+            async move {
+                let mut all = Vec::new();
+                for p in ports {
+                    let doc = served(&c, p, &id).await?;
+                    if acked
+                        .iter()
+                        .any(|h| doc.get_change_meta_by_hash(h).is_none())
+                    {
+                        return None;
+                    }
+                    all.push(sorted_heads(&doc));
                 }
-                all.push(sorted_heads(&doc));
+                all.windows(2).all(|w| w[0] == w[1]).then(|| all[0].clone())
             }
-            all.windows(2).all(|w| w[0] == w[1]).then(|| all[0].clone())
-        }
-    })
+        },
+    )
     .await;
     let want = heads.clone();
-    wait_for("every subscriber to hold the nodes' heads", Duration::from_secs(30), || {
-        let ok = subscribers
-            .iter()
-            .all(|s| sorted_heads(&s.lock().unwrap()) == want);
-        async move { ok.then_some(()) }
-    })
+    wait_for(
+        "every subscriber to hold the nodes' heads",
+        Duration::from_secs(30),
+        || {
+            let ok = subscribers
+                .iter()
+                .all(|s| sorted_heads(&s.lock().unwrap()) == want);
+            async move { ok.then_some(()) }
+        },
+    )
     .await;
     heads
 }
@@ -294,7 +312,12 @@ async fn three_nodes_one_killed_and_redis_restarted_lose_no_acknowledged_change(
         let victim = round % 3;
         let base = base_doc().save();
         let c = client();
-        let r = c.post(nodes[0].url(&format!("/{id}"))).body(base.clone()).send().await.unwrap();
+        let r = c
+            .post(nodes[0].url(&format!("/{id}")))
+            .body(base.clone())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201, "round {round}");
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -343,7 +366,9 @@ async fn three_nodes_one_killed_and_redis_restarted_lose_no_acknowledged_change(
 
         // What the cluster serves is what the store holds: a node started now loads it.
         let fresh = Node::start(&db.url, &redis.url(), &prefix, &[]);
-        let doc = served(&c, fresh.relay.port, &id).await.expect("served by a fresh node");
+        let doc = served(&c, fresh.relay.port, &id)
+            .await
+            .expect("served by a fresh node");
         assert_eq!(sorted_heads(&doc), heads, "round {round}");
         let items = items(&AutoCommit::load(&doc.save()).unwrap());
         for i in 0..3 {
@@ -370,7 +395,12 @@ async fn a_delete_on_one_node_is_seen_by_every_node() {
         .collect();
     let c = client();
     let id = "doomed";
-    let r = c.post(nodes[0].url("/doomed")).body(base_doc().save()).send().await.unwrap();
+    let r = c
+        .post(nodes[0].url("/doomed"))
+        .body(base_doc().save())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     // Subscribers on B and C: each first gets the document.
     let mut subs = Vec::new();
@@ -412,7 +442,12 @@ async fn a_change_missed_by_the_fanout_is_repaired_from_the_store() {
     let b = Node::start(&db.url, &redis, &key_prefix(), &[]);
     let c = client();
     let mut doc = base_doc();
-    let r = c.post(a.url("/drift")).body(doc.save()).send().await.unwrap();
+    let r = c
+        .post(a.url("/drift"))
+        .body(doc.save())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     // B holds it hot, with a subscriber.
     let stop = Arc::new(AtomicBool::new(false));
@@ -425,13 +460,22 @@ async fn a_change_missed_by_the_fanout_is_repaired_from_the_store() {
     .await;
     let heads = doc.get_heads();
     add_item(&mut doc, "written on A");
-    let r = c.post(a.url("/drift")).body(doc.save_after(&heads)).send().await.unwrap();
+    let r = c
+        .post(a.url("/drift"))
+        .body(doc.save_after(&heads))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let want = sorted_heads(doc.document());
-    wait_for("B's subscriber to receive A's change", Duration::from_secs(20), || {
-        let ok = sorted_heads(&sub.lock().unwrap()) == want;
-        async move { ok.then_some(()) }
-    })
+    wait_for(
+        "B's subscriber to receive A's change",
+        Duration::from_secs(20),
+        || {
+            let ok = sorted_heads(&sub.lock().unwrap()) == want;
+            async move { ok.then_some(()) }
+        },
+    )
     .await;
     let served_b = served(&c, b.relay.port, "drift").await.unwrap();
     assert_eq!(sorted_heads(&served_b), want);
@@ -461,21 +505,28 @@ async fn postgres_cut_off_answers_503_loses_nothing_and_resumes() {
     let heads = doc.get_heads();
     add_item(&mut doc, "during the cut");
     let during = doc.save_after(&heads);
-    let status = wait_for("a write to be refused with 503", Duration::from_secs(30), || {
-        let c = c.clone();
-        let (url, body) = (url.clone(), during.clone());
-        async move {
-            let r = c.post(&url).body(body).send().await.ok()?;
-            (r.status() == 503).then(|| r.status())
-        }
-    })
+    let status = wait_for(
+        "a write to be refused with 503",
+        Duration::from_secs(30),
+        || {
+            let c = c.clone();
+            let (url, body) = (url.clone(), during.clone());
+            async move {
+                let r = c.post(&url).body(body).send().await.ok()?;
+                (r.status() == 503).then(|| r.status())
+            }
+        },
+    )
     .await;
     assert_eq!(status, 503);
     let r = c.post(&url).body(during.clone()).send().await.unwrap();
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "storage_unavailable", "{body}");
-    assert_eq!(c.get(node.url("/_/ready")).send().await.unwrap().status(), 503);
+    assert_eq!(
+        c.get(node.url("/_/ready")).send().await.unwrap().status(),
+        503
+    );
     assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
 
     proxy.restore();
@@ -489,7 +540,10 @@ async fn postgres_cut_off_answers_503_loses_nothing_and_resumes() {
     })
     .await;
     acked.push(doc.get_heads()[0]);
-    assert_eq!(c.get(node.url("/_/ready")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(node.url("/_/ready")).send().await.unwrap().status(),
+        200
+    );
 
     // Everything acknowledged is in PostgreSQL: a new node reads it directly.
     let other = Node::start(&db.url, &redis_url(), &key_prefix(), &[]);
@@ -509,18 +563,45 @@ async fn two_nodes_compacting_one_document_at_once_keep_every_change() {
     let b = Node::start(&db.url, &redis, &prefix, &[]);
     let c = client();
     let base = base_doc().save();
-    let r = c.post(a.url("/both")).body(base.clone()).send().await.unwrap();
+    let r = c
+        .post(a.url("/both"))
+        .body(base.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     // 100 writes through each node at once: each node compacts every 32 or so of its own.
     let progress = Arc::new(AtomicUsize::new(0));
-    let wa = tokio::spawn(writer(Via::Http, a.port.clone(), "both".into(), base.clone(), "a".into(), 100, progress.clone()));
-    let wb = tokio::spawn(writer(Via::Http, b.port.clone(), "both".into(), base.clone(), "b".into(), 100, progress.clone()));
-    let acked: Vec<ChangeHash> = [wa.await.unwrap(), wb.await.unwrap()].into_iter().flatten().collect();
+    let wa = tokio::spawn(writer(
+        Via::Http,
+        a.port.clone(),
+        "both".into(),
+        base.clone(),
+        "a".into(),
+        100,
+        progress.clone(),
+    ));
+    let wb = tokio::spawn(writer(
+        Via::Http,
+        b.port.clone(),
+        "both".into(),
+        base.clone(),
+        "b".into(),
+        100,
+        progress.clone(),
+    ));
+    let acked: Vec<ChangeHash> = [wa.await.unwrap(), wb.await.unwrap()]
+        .into_iter()
+        .flatten()
+        .collect();
     assert_eq!(acked.len(), 2);
     let heads = converged(&[a, b], "both", &acked, &[]).await;
     let rows = common::services::pg_query(&db.url, "SELECT count(*) FROM relay_chunks").unwrap();
     let chunks: usize = rows[0][0].as_deref().unwrap().parse().unwrap();
-    assert!(chunks < 200, "compaction ran ({chunks} chunks left of 200 writes)");
+    assert!(
+        chunks < 200,
+        "compaction ran ({chunks} chunks left of 200 writes)"
+    );
     let fresh = Node::start(&db.url, &redis, &prefix, &[]);
     let doc = served(&c, fresh.relay.port, "both").await.unwrap();
     assert_eq!(sorted_heads(&doc), heads);

@@ -1,0 +1,116 @@
+//! The owner's catch-up with what other nodes sharing the store wrote (`doc/cluster.rs`):
+//! a missed fan-out message, a reconnect, the periodic heads check, a delete elsewhere.
+
+use std::collections::HashSet;
+
+use super::Owner;
+use crate::doc::api::{Precondition, Source, WriteJob};
+use crate::doc::chunks::ChunkSize;
+use crate::doc::merge::Work;
+use crate::doc::turn::Replies;
+use crate::storage::ChunkKey;
+
+impl Owner {
+    /// Takes in what other nodes stored and this node has not seen (a message it missed,
+    /// a reconnect, the periodic check; `cluster.rs`). The chunk keys known here are compared
+    /// with the store's; only when the store has others is the document read back. When
+    /// the store no longer holds the history served here, the document was deleted
+    /// elsewhere (and maybe created anew): its subscribers are told, as for a delete here,
+    /// and it is served from the store from now on.
+    pub(super) async fn refresh(&mut self, deleted: bool) {
+        if self.load_error.is_some() {
+            return; // the next command loads it anyway
+        }
+        let stored: HashSet<ChunkKey> = match self.shared.store.keys(&self.id).await {
+            Ok(keys) => keys.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(doc = %self.id, error = %e, "cannot compare the document with the store");
+                return;
+            }
+        };
+        let known: HashSet<ChunkKey> = self.chunks.keys().into_iter().collect();
+        if !deleted && stored.is_subset(&known) && !(stored.is_empty() && self.state.exists) {
+            // Up to date; chunks another node compacted away are forgotten.
+            self.chunks.keep_only(&stored);
+            return;
+        }
+        let loaded = match self.read_store().await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::warn!(doc = %self.id, error = %e, "cannot read the document back from the store");
+                return;
+            }
+        };
+        let ours = self.state.doc.get_heads();
+        let kept = ours
+            .iter()
+            .all(|h| loaded.doc.get_change_meta_by_hash(h).is_some());
+        if !kept {
+            metrics::counter!("relay_fanout_catchups_total", "found" => "deleted").increment(1);
+            tracing::info!(doc = %self.id, "deleted on another node");
+            let existed = self.state.exists;
+            self.forget(existed);
+            self.install(loaded);
+            return;
+        }
+        metrics::counter!("relay_fanout_catchups_total", "found" => "changes").increment(1);
+        let delta = loaded.doc.save_after(&ours);
+        let sizes: Vec<(ChunkKey, ChunkSize)> = loaded
+            .chunks
+            .iter()
+            .zip(&loaded.sizes)
+            .filter(|(c, _)| !known.contains(&c.key))
+            .map(|(c, size)| (c.key.clone(), *size))
+            .collect();
+        // Changes still waiting for dependencies in the store wait here too.
+        let waiting: Vec<u8> = loaded
+            .chunks
+            .iter()
+            .filter(|c| !known.contains(&c.key))
+            .flat_map(|c| c.bytes.iter().copied())
+            .collect();
+        let parsed = tokio::task::spawn_blocking(move || {
+            let mut bytes = delta;
+            bytes.extend_from_slice(&waiting);
+            crate::upload::parse_upload(bytes.into())
+        })
+        .await;
+        let upload = match parsed {
+            Ok(Ok(upload)) => upload,
+            Ok(Err(e)) => {
+                tracing::warn!(doc = %self.id, error = %e, "what other nodes stored does not parse; reloading");
+                self.reload().await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(doc = %self.id, error = %e, "parse task failed");
+                return;
+            }
+        };
+        let work = Work {
+            jobs: vec![WriteJob {
+                upload,
+                precondition: Precondition::None,
+                origin: None,
+                source: Source::Store,
+            }],
+            ..Work::default()
+        };
+        let replies = Replies {
+            writes: vec![None],
+            ..Replies::default()
+        };
+        self.run_turn(work, replies).await;
+        self.drain().await;
+        if self.stale || self.load_error.is_some() {
+            return; // went back (or reloaded): the chunks were recounted
+        }
+        self.chunks.keep_only(&stored);
+        for (key, size) in sizes {
+            if !self.chunks.contains(&key) {
+                self.chunks.add(key, size);
+            }
+        }
+    }
+
+}
