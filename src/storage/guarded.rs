@@ -163,6 +163,7 @@ impl GuardedStore {
     {
         let result = self.bounded(op, f).await;
         if let Err(e) = &result {
+            metrics::counter!("relay_store_errors_total", "op" => op).increment(1);
             if e.kind == StoreErrorKind::NoSpace {
                 if let Some(d) = &self.g.disk {
                     d.invalidate();

@@ -583,8 +583,11 @@ impl Owner {
         self.state = state;
         for (i, key, len) in published {
             let merged = effects.results.get(i).is_some_and(|r| r.is_ok());
-            if merged && !self.chunks.contains(&key) {
-                self.chunks.add(key, ChunkSize::incremental(len));
+            if merged {
+                metrics::counter!("relay_fanout_applied_total").increment(1);
+                if !self.chunks.contains(&key) {
+                    self.chunks.add(key, ChunkSize::incremental(len));
+                }
             }
         }
         // Peers whose links went while the states were away have no state to keep.
