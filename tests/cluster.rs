@@ -609,3 +609,49 @@ async fn two_nodes_compacting_one_document_at_once_keep_every_change() {
     let set: HashSet<&String> = items.iter().collect();
     assert_eq!(set.len(), 201, "base and every write");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_a_delete_stops_serving_the_deleted_content() {
+    // No fan-out between the two (a prefix each): B learns of A's delete only from the store,
+    // after it wrote to the document itself meanwhile.
+    let db = TestDb::create();
+    let redis = redis_url();
+    let a = Node::start(&db.url, &redis, &key_prefix(), &[]);
+    let b = Node::start(&db.url, &redis, &key_prefix(), &["--heads-check-secs", "2"]);
+    let c = client();
+    let mut doc = base_doc();
+    let r = c
+        .post(a.url("/missed"))
+        .body(doc.save())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(
+        served(&c, b.relay.port, "missed").await.is_some(),
+        "B holds it hot"
+    );
+    let r = c.delete(a.url("/missed")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    // B writes on the deleted history before (or just after) its next check.
+    let heads = doc.get_heads();
+    add_item(&mut doc, "after the delete, on B");
+    let r = c
+        .post(b.url("/missed"))
+        .body(doc.save_after(&heads))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    wait_for(
+        "B to stop serving the deleted content",
+        Duration::from_secs(20),
+        || {
+            let c = c.clone();
+            let p = b.relay.port;
+            async move { served(&c, p, "missed").await.is_none().then_some(()) }
+        },
+    )
+    .await;
+    assert!(served(&c, a.relay.port, "missed").await.is_none());
+}

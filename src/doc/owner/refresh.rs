@@ -29,9 +29,10 @@ impl Owner {
             }
         };
         let known: HashSet<ChunkKey> = self.chunks.keys().into_iter().collect();
-        if !deleted && stored.is_subset(&known) && !(stored.is_empty() && self.state.exists) {
-            // Up to date; chunks another node compacted away are forgotten.
-            self.chunks.keep_only(&stored);
+        // Any difference is read back: chunks only the store has are other nodes' writes (or
+        // a snapshot of theirs); chunks gone with nothing new in their place mean a delete
+        // elsewhere, even when this node stored something since.
+        if !deleted && stored == known && !(stored.is_empty() && self.state.exists) {
             return;
         }
         let loaded = match self.read_store().await {
@@ -112,5 +113,4 @@ impl Owner {
             }
         }
     }
-
 }
