@@ -9,7 +9,8 @@
 //!   its durable write; `durable`: the last durable state and going back to it; `merge`: the pure batch merge; `exchange` + `peer_sync`: the repo
 //!   peers' sync; `chunks`: stored chunks and their totals; `listeners`: subscribers and peers;
 //! - `shared`: settings and counters every owner shares, and the owners' narrow handle;
-//! - `cluster`: what owners tell the other nodes sharing the store, and hear from them.
+//! - `cluster`: what owners tell the other nodes sharing the store, and hear from them;
+//!   `observer`: who hears of every durable change (webhooks).
 
 mod api;
 mod chunks;
@@ -20,6 +21,7 @@ mod evictor;
 mod exchange;
 mod listeners;
 mod merge;
+mod observer;
 mod owner;
 mod peer;
 mod peer_sync;
@@ -33,6 +35,7 @@ mod owner_tests;
 
 pub use api::{DocEvent, Precondition, ReadOutcome, Subscription, WriteOutcome};
 pub use cluster::{Cluster, Watching};
+pub use observer::Observer;
 pub use etag::{etag_for, parse_heads};
 pub use peer::{Outgoing, PeerLink, PeerQueue, Queued};
 pub use peer_sync::PeerSync;

@@ -19,6 +19,7 @@ use super::api::{
     Subscription, WriteJob, WriteOutcome, WriteRequest,
 };
 use super::cluster::Cluster;
+use super::observer::Observer;
 use super::evictor::{self, Candidate, Gauge};
 use super::owner::Owner;
 use super::peer::PeerLink;
@@ -295,6 +296,11 @@ impl Documents {
     /// Sets up the other nodes sharing the store (once, before serving).
     pub fn join_cluster(&self, cluster: Arc<dyn Cluster>) {
         let _ = self.inner.shared.cluster.set(cluster);
+    }
+
+    /// Sets up who hears of every durable change of this node (once, before serving).
+    pub fn observe(&self, observer: Arc<dyn Observer>) {
+        let _ = self.inner.shared.observer.set(observer);
     }
 
     /// The documents in memory now.

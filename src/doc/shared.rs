@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::api::Command;
 use super::cluster::Cluster;
+use super::observer::Observer;
 use super::stats::Stats;
 use crate::error::RelayError;
 use crate::id::DocId;
@@ -79,6 +80,8 @@ pub(super) struct Shared {
     pub(super) tasks: TaskTracker,
     /// The other nodes sharing the store, once the node set them up (none: single node).
     pub(super) cluster: std::sync::OnceLock<Arc<dyn Cluster>>,
+    /// Who hears of every durable change of this node (webhooks), once set up.
+    pub(super) observer: std::sync::OnceLock<Arc<dyn Observer>>,
     epochs: AtomicU64,
 }
 
@@ -90,12 +93,17 @@ impl Shared {
             stats: Stats::default(),
             tasks: TaskTracker::new(),
             cluster: std::sync::OnceLock::new(),
+            observer: std::sync::OnceLock::new(),
             epochs: AtomicU64::new(1),
         }
     }
 
     pub(super) fn cluster(&self) -> Option<&Arc<dyn Cluster>> {
         self.cluster.get()
+    }
+
+    pub(super) fn observer(&self) -> Option<&Arc<dyn Observer>> {
+        self.observer.get()
     }
 
     /// A number never handed out before (owner generations and document epochs).

@@ -724,6 +724,7 @@ impl Owner {
         turn: Turn,
         persisted: Result<Option<Persisted>, RelayError>,
     ) -> Result<(), Failed> {
+        let stored_here = matches!(persisted, Ok(Some(_)));
         match persisted {
             Ok(Some(p)) => {
                 self.shared.stats.persisted(p.took);
@@ -746,6 +747,18 @@ impl Owner {
             heads: turn.heads.clone(),
             exists: turn.exists,
         };
+        if let (true, Some(observer), Some(push)) =
+            (stored_here, self.shared.observer(), turn.effects.push.as_ref())
+        {
+            let applied = turn
+                .effects
+                .results
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .map(|o| o.applied)
+                .sum();
+            observer.changed(&self.id, &push.heads, applied);
+        }
         let answered = turn.answer();
         if let Some(batch) = answered.push {
             self.subscribers
@@ -781,6 +794,9 @@ impl Owner {
             .map_err(|e| store_error(&e))?;
         if let Some(cluster) = self.shared.cluster() {
             cluster.deleted(&self.id);
+        }
+        if let (true, Some(observer)) = (existed, self.shared.observer()) {
+            observer.deleted(&self.id);
         }
         self.forget(existed);
         Ok(existed)
