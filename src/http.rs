@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::auth::Access;
-use crate::doc::{parse_heads, Precondition, ReadOutcome};
+use crate::doc::{parse_heads, JsonRead, Precondition, ReadOutcome};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::state::AppState;
@@ -34,6 +34,18 @@ fn etag_matches(headers: &HeaderMap, name: header::HeaderName, etag: &str) -> bo
         .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 
+/// `Accept: application/json` (preferred over Automerge bytes): the JSON view.
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.split(';').next().unwrap_or("").trim())
+        .find(|t| *t == "application/json" || *t == "application/octet-stream")
+        == Some("application/json")
+}
+
 /// `GET /{id}` (and HEAD): the document, or `?since=` its changes; 304 on a matching ETag.
 pub async fn get_doc(
     state: &AppState,
@@ -41,6 +53,26 @@ pub async fn get_doc(
     query: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<Response, RelayError> {
+    if wants_json(headers) {
+        if query.contains_key("since") {
+            return Err(RelayError::BadRequest(
+                "?since= returns Automerge changes; the JSON view is of the whole document".into(),
+            ));
+        }
+        let not_if = |etag: &str| etag_matches(headers, header::IF_NONE_MATCH, etag);
+        let (mut resp, etag) = match state.docs.read_json(&id, not_if).await? {
+            JsonRead::Missing => return Err(RelayError::NotFound),
+            JsonRead::NotModified(etag) => (StatusCode::NOT_MODIFIED.into_response(), etag),
+            JsonRead::Found(json, etag) => (Json(json).into_response(), etag),
+        };
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            h.insert(header::ETAG, v);
+        }
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert(header::VARY, HeaderValue::from_static("accept"));
+        return Ok(resp);
+    }
     let since = query.get("since").map(|s| parse_heads(s)).transpose()?;
     let ReadOutcome::Found { bytes, etag, .. } = state.docs.read(&id, since).await? else {
         return Err(RelayError::NotFound);

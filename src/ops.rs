@@ -1,20 +1,25 @@
-//! The server's own routes under `/_/`: health, readiness, stats, Prometheus metrics and the
-//! document listing. Not a transport of documents; they report on the server. Health and
+//! The server's own routes under `/_/`: health, readiness, stats, Prometheus metrics, the
+//! document listing, one document's info and history, and the dashboard page. Not a transport of documents; they report on the server. Health and
 //! readiness are always open (load balancers probe them); the rest needs an admin token.
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
+use automerge::ChangeHash;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::auth::Access;
+use crate::doc::{iso8601, DocInfo};
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::state::AppState;
 use crate::transport::caller::Caller;
+use crate::transport::request::doc_id;
 
 pub async fn health() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
@@ -60,6 +65,11 @@ struct StatsBody {
     docs: crate::doc::StatsSnapshot,
     rss: Option<u64>,
     heap: Option<crate::alloc::HeapUsage>,
+    /// Open connections (HTTP and live sockets), live per-document subscribers (WebSocket and
+    /// SSE) and automerge-repo peers.
+    connections: usize,
+    subscribers: usize,
+    repo_peers: usize,
 }
 
 pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Response, RelayError> {
@@ -68,6 +78,9 @@ pub async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Resp
         docs: state.docs.stats(),
         rss: crate::alloc::rss(),
         heap: crate::alloc::heap_usage(),
+        connections: state.limits.connections.live(),
+        subscribers: state.followers.count(),
+        repo_peers: state.hub.peer_count(),
     })
     .into_response())
 }
@@ -104,27 +117,89 @@ pub async fn list_docs(
 ) -> Result<Response, RelayError> {
     caller.require_server_admin()?;
     let after = q.get("after").map(|a| DocId::parse(a)).transpose()?;
-    let limit = match q.get("limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| RelayError::BadRequest("limit must be a number".into()))?,
-        None => 100,
-    }
-    .clamp(1, 1000);
-    let docs = state.docs.list(after.as_ref(), limit).await?;
+    let limit = number(&q, "limit", 100)?.clamp(1, 1000);
+    let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
+    let docs = state.docs.list(after.as_ref(), prefix, limit).await?;
     let next = (docs.len() == limit).then(|| docs.last().map(|(id, _)| id.to_string()));
-    let documents: Vec<serde_json::Value> = docs
-        .iter()
-        .map(|(id, info)| {
-            json!({
-                "id": id.as_str(),
-                "heads": info.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-                "changes": info.changes,
-                "size": info.stored_bytes,
-                "pending": info.pending,
-                "loaded": info.was_hot,
-            })
-        })
-        .collect();
+    let documents: Vec<serde_json::Value> =
+        docs.iter().map(|(id, info)| doc_json(id, info)).collect();
     Ok(Json(json!({ "documents": documents, "next": next.flatten() })).into_response())
+}
+
+/// `GET /_/docs/{id}`: one document's figures and who is connected to it.
+pub async fn doc_info(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, RelayError> {
+    let id = doc_id(path)?;
+    caller.require(&id, Access::Admin)?;
+    let was_hot = state.docs.hint(&id).is_some();
+    let Some(mut info) = state.docs.info(&id).await? else {
+        return Err(RelayError::NotFound);
+    };
+    info.was_hot = was_hot;
+    let mut body = doc_json(&id, &info);
+    body["subscribers"] = json!(info.subscribers);
+    body["repo_peers"] = json!(info.repo_peers);
+    Ok(Json(body).into_response())
+}
+
+/// `GET /_/docs/{id}/history?limit=&before=`: its changes, newest first.
+pub async fn doc_history(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, RelayError> {
+    let id = doc_id(path)?;
+    caller.require(&id, Access::Admin)?;
+    let limit = number(&q, "limit", 50)?.clamp(1, 1000);
+    let before = match q.get("before") {
+        Some(b) => Some(b.parse::<ChangeHash>().map_err(|_| {
+            RelayError::BadRequest("before must be a change hash (64 hex digits)".into())
+        })?),
+        None => None,
+    };
+    let Some(page) = state.docs.history(&id, limit, before).await? else {
+        return Err(RelayError::NotFound);
+    };
+    let next = page.next.map(|h| h.to_string());
+    Ok(Json(json!({ "id": id.as_str(), "changes": page.changes, "next": next })).into_response())
+}
+
+fn number(q: &HashMap<String, String>, name: &str, default: usize) -> Result<usize, RelayError> {
+    match q.get(name) {
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| RelayError::BadRequest(format!("{name} must be a number"))),
+        None => Ok(default),
+    }
+}
+
+fn doc_json(id: &DocId, info: &DocInfo) -> serde_json::Value {
+    json!({
+        "id": id.as_str(),
+        "heads": info.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "changes": info.changes,
+        "size": info.stored_bytes,
+        "pending": info.pending,
+        "loaded": info.was_hot,
+        "last_change": (info.last_change > 0).then(|| iso8601(info.last_change.saturating_mul(1000))),
+    })
+}
+
+/// The dashboard page (`assets/dashboard.html`, in the binary): status, documents, a
+/// document's JSON and history, all read from the admin routes above with the page's
+/// `?token=`. Admin only, like them.
+pub async fn dashboard(caller: Caller) -> Result<Response, RelayError> {
+    caller.require_server_admin()?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../assets/dashboard.html"),
+    )
+        .into_response())
 }

@@ -81,6 +81,9 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Result<Router, String
         .route("/_/stats", get(ops::stats))
         .route("/_/metrics", get(ops::prometheus))
         .route("/_/docs", get(ops::list_docs))
+        .route("/_/docs/{id}", get(ops::doc_info))
+        .route("/_/docs/{id}/history", get(ops::doc_history))
+        .route("/_/", get(ops::dashboard))
         .route(
             "/{id}",
             get(get_doc)

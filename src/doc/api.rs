@@ -172,6 +172,14 @@ pub enum Command {
     },
 }
 
+/// A document read as JSON.
+pub enum JsonRead {
+    Missing,
+    /// The reader's ETag is current.
+    NotModified(String),
+    Found(serde_json::Value, String),
+}
+
 /// One document's figures, as its owner has them (loaded from the store if it was not hot).
 #[derive(Debug, Clone)]
 pub struct DocInfo {
@@ -184,6 +192,12 @@ pub struct DocInfo {
     pub pending: usize,
     /// It was in memory before it was asked (a listing loads the others).
     pub was_hot: bool,
+    /// The latest time its heads carry (seconds since the epoch, as the writers' clocks
+    /// said).
+    pub last_change: i64,
+    /// Live per-document WebSocket and SSE subscribers, and automerge-repo peers syncing it.
+    pub subscribers: usize,
+    pub repo_peers: usize,
 }
 
 impl Command {

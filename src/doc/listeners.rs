@@ -70,6 +70,11 @@ impl Subscribers {
         self.list.is_empty()
     }
 
+    /// Subscribers still listening (one that went away is dropped at the next push).
+    pub(super) fn live(&self) -> usize {
+        self.list.iter().filter(|(s, _)| !s.tx.is_closed()).count()
+    }
+
     /// Drops every subscriber: their subscriptions end after their queued events.
     pub(super) fn clear(&mut self) {
         self.list.clear();
@@ -127,6 +132,10 @@ impl RepoLinks {
 
     pub(super) fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
     }
 
     pub(super) fn has(&self, conn: ConnId) -> bool {

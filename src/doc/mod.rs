@@ -10,7 +10,8 @@
 //!   peers' sync; `chunks`: stored chunks and their totals; `listeners`: subscribers and peers;
 //! - `shared`: settings and counters every owner shares, and the owners' narrow handle;
 //! - `cluster`: what owners tell the other nodes sharing the store, and hear from them;
-//!   `observer`: who hears of every durable change (webhooks).
+//!   `observer`: who hears of every durable change (webhooks);
+//! - `json`, `history`: a document as JSON, and its changes newest first (inspection).
 
 mod api;
 mod chunks;
@@ -19,6 +20,8 @@ mod durable;
 mod etag;
 mod evictor;
 mod exchange;
+mod history;
+mod json;
 mod listeners;
 mod merge;
 mod observer;
@@ -33,10 +36,11 @@ mod turn;
 #[cfg(test)]
 mod owner_tests;
 
-pub use api::{DocEvent, Precondition, ReadOutcome, Subscription, WriteOutcome};
+pub use api::{DocEvent, DocInfo, JsonRead, Precondition, ReadOutcome, Subscription, WriteOutcome};
 pub use cluster::{Cluster, Watching};
-pub use observer::Observer;
 pub use etag::{etag_for, parse_heads};
+pub use json::iso8601;
+pub use observer::Observer;
 pub use peer::{Outgoing, PeerLink, PeerQueue, Queued};
 pub use peer_sync::PeerSync;
 pub use registry::Documents;

@@ -15,12 +15,13 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::api::{
-    Command, DocInfo, Precondition, ReadOutcome, ReadRequest, RepoSync, Source, SubscribeRequest,
-    Subscription, WriteJob, WriteOutcome, WriteRequest,
+    Command, DocInfo, JsonRead, Precondition, ReadOutcome, ReadRequest, RepoSync, Source,
+    SubscribeRequest, Subscription, WriteJob, WriteOutcome, WriteRequest,
 };
 use super::cluster::Cluster;
-use super::observer::Observer;
 use super::evictor::{self, Candidate, Gauge};
+use super::history::HistoryPage;
+use super::observer::Observer;
 use super::owner::Owner;
 use super::peer::PeerLink;
 use super::shared::{store_error, DocConfig, Forwarding, Registrar, Shared, StoreReport};
@@ -298,6 +299,54 @@ impl Documents {
         let _ = self.inner.shared.cluster.set(cluster);
     }
 
+    /// The document as JSON (`json.rs`) with its ETag, converted off the owner and the async
+    /// workers; `NotModified` when `not_if` accepts the current ETag (no conversion then).
+    pub async fn read_json(
+        &self,
+        id: &DocId,
+        not_if: impl Fn(&str) -> bool,
+    ) -> Result<JsonRead, RelayError> {
+        let ReadOutcome::Found { bytes, etag, .. } = self.read(id, None).await? else {
+            return Ok(JsonRead::Missing);
+        };
+        if not_if(&etag) {
+            return Ok(JsonRead::NotModified(etag));
+        }
+        let json = tokio::task::spawn_blocking(move || {
+            automerge::Automerge::load(&bytes).map(|doc| super::json::to_json(&doc))
+        })
+        .await
+        .map_err(|e| RelayError::Internal(format!("JSON task failed: {e}")))?
+        .map_err(|e| RelayError::Internal(format!("stored document does not load: {e}")))?;
+        Ok(JsonRead::Found(json, etag))
+    }
+
+    /// A page of the document's changes, newest first (`history.rs`); `None` when it does
+    /// not exist. A `before` that is not one of its changes is a bad request.
+    pub async fn history(
+        &self,
+        id: &DocId,
+        limit: usize,
+        before: Option<ChangeHash>,
+    ) -> Result<Option<HistoryPage>, RelayError> {
+        let ReadOutcome::Found { bytes, .. } = self.read(id, None).await? else {
+            return Ok(None);
+        };
+        let page = tokio::task::spawn_blocking(move || {
+            automerge::Automerge::load(&bytes)
+                .map(|doc| super::history::history(&doc, limit, before.as_ref()))
+        })
+        .await
+        .map_err(|e| RelayError::Internal(format!("history task failed: {e}")))?
+        .map_err(|e| RelayError::Internal(format!("stored document does not load: {e}")))?;
+        match page {
+            Some(page) => Ok(Some(page)),
+            None => Err(RelayError::BadRequest(
+                "before is not a change of this document".into(),
+            )),
+        }
+    }
+
     /// Sets up who hears of every durable change of this node (once, before serving).
     pub fn observe(&self, observer: Arc<dyn Observer>) {
         let _ = self.inner.shared.observer.set(observer);
@@ -360,9 +409,13 @@ impl Documents {
     /// Lists existing documents (paged by id), with their figures. The store lists every id
     /// with stored chunks; an id whose stored changes all wait for missing dependencies is no
     /// document and is skipped, so each candidate is asked of its owner (which loads it).
+    /// Only ids starting with `prefix` are listed (ids before it are skipped on the way).
+    /// Paging by id is stable while documents are written: every document that exists
+    /// throughout comes exactly once, in id order.
     pub async fn list(
         &self,
         after: Option<&DocId>,
+        prefix: &str,
         limit: usize,
     ) -> Result<Vec<(DocId, DocInfo)>, RelayError> {
         let mut out = Vec::new();
@@ -378,6 +431,12 @@ impl Documents {
             let exhausted = ids.len() < limit;
             for id in ids {
                 cursor = Some(id.clone());
+                if !id.as_str().starts_with(prefix) {
+                    if id.as_str() > prefix {
+                        return Ok(out); // past every id with the prefix
+                    }
+                    continue;
+                }
                 let was_hot = self.inner.owners.contains_key(&id);
                 if let Some(mut info) = self.info(&id).await? {
                     info.was_hot = was_hot;

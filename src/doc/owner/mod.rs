@@ -334,6 +334,17 @@ impl Owner {
             stored_bytes: self.chunks.stored_bytes(),
             pending: self.state.stored_pending.len(),
             was_hot: true,
+            last_change: self
+                .state
+                .doc
+                .get_heads()
+                .iter()
+                .filter_map(|h| self.state.doc.get_change_meta_by_hash(h))
+                .map(|m| m.timestamp)
+                .max()
+                .unwrap_or(0),
+            subscribers: self.subscribers.live(),
+            repo_peers: self.links.len(),
         })
     }
 
@@ -747,9 +758,11 @@ impl Owner {
             heads: turn.heads.clone(),
             exists: turn.exists,
         };
-        if let (true, Some(observer), Some(push)) =
-            (stored_here, self.shared.observer(), turn.effects.push.as_ref())
-        {
+        if let (true, Some(observer), Some(push)) = (
+            stored_here,
+            self.shared.observer(),
+            turn.effects.push.as_ref(),
+        ) {
             let applied = turn
                 .effects
                 .results
