@@ -79,7 +79,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "ops",
-        &["transport", "state", "doc", "alloc", "error", "id"],
+        &["transport", "auth", "state", "doc", "alloc", "error", "id"],
     ),
     (
         "router",

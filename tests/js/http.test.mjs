@@ -394,6 +394,50 @@ describe("HTTP document routes", { skip: RELAY_ONLY }, () => {
     assert.equal((await fetch(relay.url(fresh))).status, 404)
   })
 
+  test("Accept: application/json gives the document as Automerge.toJS, with its ETag", async () => {
+    const id = uniqueId("json")
+    let doc = A.from({
+      title: "every type",
+      count: new A.Counter(5),
+      when: new Date("2024-02-29T12:34:56.789Z"),
+      raw: new Uint8Array([0, 1, 2, 250, 255]),
+      n: 42,
+      f: 3.25,
+      neg: -7,
+      yes: true,
+      nothing: null,
+      list: [1, "two", { three: [3] }],
+      nested: { deep: { deeper: "text" } },
+      note: "a string",
+    })
+    doc = A.change(doc, d => {
+      d.count.increment(3)
+      A.splice(d, ["note"], 2, 0, "long ")
+    })
+    const up = await upload(relay, id, A.save(doc))
+    assert.equal(up.status, 201)
+    const res = await fetch(relay.url(id), { headers: { Accept: "application/json" } })
+    assert.equal(res.status, 200)
+    assert.match(res.headers.get("content-type"), /application\/json/)
+    // What toJS gives, with dates and bytes as JSON carries them.
+    const want = JSON.parse(
+      JSON.stringify(A.toJS(doc), (_key, value) =>
+        value instanceof Uint8Array ? Buffer.from(value).toString("base64") : value,
+      ),
+    )
+    assert.deepEqual(await res.json(), want)
+    assert.equal(want.when, "2024-02-29T12:34:56.789Z")
+    assert.equal(want.count, 8)
+    const binary = await fetch(relay.url(id))
+    assert.equal(res.headers.get("etag"), binary.headers.get("etag"), "the same ETag as the binary GET")
+    const again = await fetch(relay.url(id), {
+      headers: { Accept: "application/json", "If-None-Match": res.headers.get("etag") },
+    })
+    assert.equal(again.status, 304)
+    const missing = await fetch(relay.url(uniqueId("nope")), { headers: { Accept: "application/json" } })
+    assert.equal(missing.status, 404)
+  })
+
   test("PUT merges like POST", async () => {
     const docId = uniqueId("put")
     let doc = A.from({ v: [1] })
