@@ -1157,7 +1157,7 @@ async fn the_widest_matching_grant_wins_and_only_admin_on_star_opens_the_server_
     assert_eq!(status_of(get("elsewhere", prefix_admin)).await, 403);
     let r = c.delete(relay.url("/team-board")).bearer_auth(prefix_admin);
     assert_eq!(status_of(r).await, 204);
-    for path in ["/_/docs", "/_/stats", "/_/metrics"] {
+    for path in ["/_/docs", "/_/stats", "/_/metrics", "/_/"] {
         let r = c.get(relay.url(path)).bearer_auth(prefix_admin);
         assert_eq!(
             status_of(r).await,
@@ -1167,6 +1167,40 @@ async fn the_widest_matching_grant_wins_and_only_admin_on_star_opens_the_server_
         let r = c.get(relay.url(path)).bearer_auth(ADMIN_SECRET);
         assert_eq!(status_of(r).await, 200, "{path}");
     }
+    // One document's info and history need admin on that document; the JSON view reads.
+    let r = c
+        .post(relay.url("/team-board"))
+        .bearer_auth(ADMIN_SECRET)
+        .body(base_doc().save());
+    assert_eq!(
+        status_of(r).await,
+        201,
+        "team-board again, after its delete"
+    );
+    for path in ["/_/docs/team-board", "/_/docs/team-board/history"] {
+        assert_eq!(status_of(c.get(relay.url(path))).await, 401, "{path}");
+        let r = c.get(relay.url(path)).bearer_auth(prefix_admin);
+        assert_eq!(status_of(r).await, 200, "{path}: admin on team-*");
+        let r = c.get(relay.url(path)).bearer_auth(mixed);
+        assert_eq!(status_of(r).await, 403, "{path}: no grant on team-board");
+    }
+    let r = c.get(relay.url("/_/docs/mix-other")).bearer_auth(mixed);
+    assert_eq!(status_of(r).await, 403, "read is not admin");
+    let json = |id: &str, token: &str| {
+        c.get(relay.url(&format!("/{id}")))
+            .header("accept", "application/json")
+            .bearer_auth(token)
+    };
+    assert_eq!(
+        status_of(json("mix-other", mixed)).await,
+        200,
+        "JSON view reads"
+    );
+    assert_eq!(status_of(json("elsewhere", mixed)).await, 403);
+    let r = c
+        .get(relay.url("/mix-other"))
+        .header("accept", "application/json");
+    assert_eq!(status_of(r).await, 401);
 }
 
 /// `automerge-relay token` prints a fresh secret and its `sha256:` line; the line in a token
