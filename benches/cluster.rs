@@ -47,6 +47,8 @@
 //! - `CLUSTER_TYPISTS` [8], `CLUSTER_TYPING_SECS` [10], `CLUSTER_TYPING_RATE` [6]
 //! - `CLUSTER_UPLOAD_SAMPLES` [200], `CLUSTER_HISTORY` [20000]
 //! - `CLUSTER_ONLY` [fanout,writers,typing,upload] which parts to run
+//! - `CLUSTER_DEBUG` set: per typing case, where keystroke deliveries over 15 ms fall by
+//!   (receiver − author) mod T and by receiver (a pattern points at a mechanism)
 //! - `BENCH_RELAY_BIN`, `BENCH_RELAY_WRAP`, `BENCH_RELAY_TOKEN` as in `benches/support`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -306,6 +308,23 @@ struct Lat {
     p50: f64,
     p99: f64,
     max: f64,
+    /// How many samples fall under each of [`BUCKETS`] (and over the last).
+    hist: [usize; BUCKETS.len() + 1],
+}
+
+/// Upper bounds (ms) of the latency histogram printed beside the tables.
+const BUCKETS: [f64; 7] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0];
+
+impl Lat {
+    fn histogram(&self) -> String {
+        let mut parts: Vec<String> = BUCKETS
+            .iter()
+            .zip(&self.hist)
+            .map(|(b, n)| format!("<{b}:{n}"))
+            .collect();
+        parts.push(format!(">=100:{}", self.hist[BUCKETS.len()]));
+        parts.join(" ")
+    }
 }
 
 /// Nearest-rank percentiles (ms values in, ms out).
@@ -315,7 +334,12 @@ fn lat(v: &mut [f64]) -> Lat {
             p50: f64::NAN,
             p99: f64::NAN,
             max: f64::NAN,
+            hist: [0; BUCKETS.len() + 1],
         };
+    }
+    let mut hist = [0; BUCKETS.len() + 1];
+    for x in v.iter() {
+        hist[BUCKETS.iter().position(|b| x < b).unwrap_or(BUCKETS.len())] += 1;
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| {
@@ -326,6 +350,7 @@ fn lat(v: &mut [f64]) -> Lat {
         p50: pct(0.50),
         p99: pct(0.99),
         max: v[v.len() - 1],
+        hist,
     }
 }
 
@@ -437,7 +462,9 @@ struct FanoutCounters {
     publish_failures: f64,
     received: f64,
     applied: f64,
-    catchups: f64,
+    /// Read-backs from the store (`relay_fanout_catchups_total`), by what they found.
+    catchups_changes: f64,
+    catchups_deleted: f64,
 }
 
 async fn counters_of(c: &reqwest::Client, ports: &[u16]) -> Vec<HashMap<String, f64>> {
@@ -462,7 +489,10 @@ fn counters_delta(
                 "relay_fanout_publish_failures_total" => d.publish_failures += x,
                 "relay_fanout_received_total" => d.received += x,
                 "relay_fanout_applied_total" => d.applied += x,
-                "relay_fanout_catchups_total" => d.catchups += x,
+                "relay_fanout_catchups_total" if series.contains("deleted") => {
+                    d.catchups_deleted += x
+                }
+                "relay_fanout_catchups_total" => d.catchups_changes += x,
                 _ => {}
             }
         }
@@ -648,26 +678,96 @@ fn start_nodes(cfg: &Config, store: &str, prefix: &str) -> Nodes {
     Nodes { sled, pg }
 }
 
-/// Waits (bounded) until every PostgreSQL node's fan-out is connected to Redis: a document
-/// watched before that would miss what is published until the next heads check.
-async fn wait_fanout_connected(c: &reqwest::Client, nodes: &Nodes) -> Result<(), String> {
+/// Waits (bounded) until every PostgreSQL node's fan-out works: a subscriber on each node
+/// receives a change written on the next node (a document watched before a node's Redis
+/// connection is up would miss what is published until the next heads check). A change is
+/// written every second until one arrives. Returns notes on what the nodes' metrics said
+/// meanwhile (`relay_fanout_connected`).
+async fn wait_fanout_working(c: &reqwest::Client, nodes: &Nodes) -> Result<Vec<String>, String> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    for n in &nodes.pg {
-        loop {
-            let m = fanout_metrics(c, n.relay.port).await;
-            if m.get("relay_fanout_connected") == Some(&1.0) {
-                break;
+    let ports = nodes.pg_ports();
+    let mut notes = Vec::new();
+    for (i, n) in nodes.pg.iter().enumerate() {
+        let writer = ports[(i + 1) % ports.len()];
+        let id = format!("probe-{}-{}", n.name, unique());
+        let (mut doc, list) = list_doc("probe");
+        post(c, writer, &id, doc.save()).await?;
+        let mut ws = ws_connect(n.relay.port, &id).await?;
+        // The whole document first.
+        let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        if !matches!(first, Ok(Some(Ok(Message::Binary(_))))) {
+            return Err(format!(
+                "probe: node {} sent no document: {first:?}",
+                n.name
+            ));
+        }
+        let started = Instant::now();
+        let mut k = 0;
+        'probe: loop {
+            let heads = doc.get_heads();
+            doc.insert(&list, 0, format!("probe {k}")).unwrap();
+            doc.commit();
+            k += 1;
+            post(c, writer, &id, doc.save_after(&heads)).await?;
+            let next_try = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < next_try {
+                let left = next_try.saturating_duration_since(Instant::now());
+                if let Ok(Some(Ok(Message::Binary(_)))) =
+                    tokio::time::timeout(left, ws.next()).await
+                {
+                    break 'probe;
+                }
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "node {} reports no Redis connection after 20 s",
-                    n.name
+                    "node {}: a subscriber got nothing written on node {} within 20 s",
+                    n.name,
+                    nodes.name_of(writer)
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = ws.close(None).await;
+        if k > 1 {
+            notes.push(format!(
+                "node {}: the first {} probe changes were not delivered ({:.0} ms until one was)",
+                n.name,
+                k - 1,
+                ms(started.elapsed())
+            ));
+        }
+        let m = fanout_metrics(c, n.relay.port).await;
+        if m.get("relay_fanout_connected") != Some(&1.0) {
+            notes.push(format!(
+                "node {}: fan-out works but /_/metrics has relay_fanout_connected = {:?}",
+                n.name,
+                m.get("relay_fanout_connected")
+            ));
         }
     }
-    Ok(())
+    Ok(notes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+
+/// What every case reads: the configuration, the HTTP client, the nodes.
+struct Ctx<'a> {
+    cfg: &'a Config,
+    c: reqwest::Client,
+    nodes: &'a Nodes,
+}
+
+/// One row of a part: where its clients go and whose CPU counts.
+struct Case {
+    label: String,
+    /// The fan-out writer's node.
+    writer: u16,
+    /// The nodes the clients use, round-robin (for fan-out: the subscribers').
+    ports: Vec<u16>,
+    /// The relays whose CPU counts: the sled node, or every PostgreSQL node.
+    pids: Vec<u32>,
+    /// A PostgreSQL case: fan-out counters are read, every node must converge.
+    pg: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -750,19 +850,16 @@ async fn await_deliveries(
     }
 }
 
-/// One writer on `writer`, `cfg.subscribers` subscribers round-robin over `subs_on`.
-#[allow(clippy::too_many_arguments)]
-async fn fanout_case(
-    cfg: &Config,
-    c: &reqwest::Client,
-    nodes: &Nodes,
-    label: &str,
-    writer: u16,
-    subs_on: &[u16],
-    pids: &[u32],
-    pg: bool,
-    failures: &mut Vec<String>,
-) -> Option<FanoutRow> {
+/// One writer on `case.writer`, `cfg.subscribers` subscribers round-robin over `case.ports`.
+async fn fanout_case(ctx: &Ctx<'_>, case: &Case, failures: &mut Vec<String>) -> Option<FanoutRow> {
+    let (cfg, c, nodes) = (ctx.cfg, &ctx.c, ctx.nodes);
+    let (label, writer, subs_on, pids, pg) = (
+        case.label.as_str(),
+        case.writer,
+        &case.ports[..],
+        &case.pids[..],
+        case.pg,
+    );
     let id = format!(
         "fanout-{}-{}",
         label.replace([' ', '>', ','], "_"),
@@ -1012,15 +1109,17 @@ struct WritersRow {
 }
 
 async fn writers_case(
-    cfg: &Config,
-    c: &reqwest::Client,
-    nodes: &Nodes,
-    label: &str,
-    ports: &[u16],
-    pids: &[u32],
-    pg: bool,
+    ctx: &Ctx<'_>,
+    case: &Case,
     failures: &mut Vec<String>,
 ) -> Option<WritersRow> {
+    let (cfg, c, nodes) = (ctx.cfg, &ctx.c, ctx.nodes);
+    let (label, ports, pids, pg) = (
+        case.label.as_str(),
+        &case.ports[..],
+        &case.pids[..],
+        case.pg,
+    );
     let id = format!("writers-{}-{}", label.replace(' ', "_"), unique());
     let (mut base, list) = list_doc("base");
     if let Err(e) = post(c, ports[0], &id, base.save()).await {
@@ -1173,20 +1272,30 @@ impl Rng {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn typist(
+/// What one typist needs besides its socket and document.
+struct TypistSetup {
     me: usize,
     typists: usize,
-    ws: Ws,
-    mut doc: AutoCommit,
-    text: ObjId,
     rate: f64,
     typing: Duration,
-    mut control: watch::Receiver<Option<Instant>>,
-    mut stop: watch::Receiver<bool>,
+    /// The instant typing starts, once set.
+    control: watch::Receiver<Option<Instant>>,
+    stop: watch::Receiver<bool>,
     typed_total: Arc<AtomicUsize>,
     delivered: Arc<AtomicUsize>,
-) -> TypistOut {
+}
+
+async fn typist(setup: TypistSetup, ws: Ws, mut doc: AutoCommit, text: ObjId) -> TypistOut {
+    let TypistSetup {
+        me,
+        typists,
+        rate,
+        typing,
+        mut control,
+        mut stop,
+        typed_total,
+        delivered,
+    } = setup;
     let (mut tx, mut rx) = ws.split();
     let mut out = TypistOut::default();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((me as u64 + 1) * 0x1000_0001));
@@ -1282,17 +1391,14 @@ async fn typist(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn typing_case(
-    cfg: &Config,
-    c: &reqwest::Client,
-    nodes: &Nodes,
-    label: &str,
-    ports: &[u16],
-    pids: &[u32],
-    pg: bool,
-    failures: &mut Vec<String>,
-) -> Option<TypingRow> {
+async fn typing_case(ctx: &Ctx<'_>, case: &Case, failures: &mut Vec<String>) -> Option<TypingRow> {
+    let (cfg, c, nodes) = (ctx.cfg, &ctx.c, ctx.nodes);
+    let (label, ports, pids, pg) = (
+        case.label.as_str(),
+        &case.ports[..],
+        &case.pids[..],
+        case.pg,
+    );
     let id = format!("typing-{}-{}", label.replace(' ', "_"), unique());
     let mut base = AutoCommit::new();
     let text = base.put_object(ROOT, "text", ObjType::Text).unwrap();
@@ -1342,19 +1448,17 @@ async fn typing_case(
                 return None;
             }
         };
-        tasks.push(tokio::spawn(typist(
-            i,
-            t,
-            ws,
-            doc,
-            text,
-            cfg.typing_rate,
-            Duration::from_secs_f64(cfg.typing_secs),
-            control_rx.clone(),
-            stop_rx.clone(),
-            typed_total.clone(),
-            delivered.clone(),
-        )));
+        let setup = TypistSetup {
+            me: i,
+            typists: t,
+            rate: cfg.typing_rate,
+            typing: Duration::from_secs_f64(cfg.typing_secs),
+            control: control_rx.clone(),
+            stop: stop_rx.clone(),
+            typed_total: typed_total.clone(),
+            delivered: delivered.clone(),
+        };
+        tasks.push(tokio::spawn(typist(setup, ws, doc, text)));
     }
     let all_pg = nodes.pg_ports();
     let counters0 = if pg {
@@ -1405,12 +1509,20 @@ async fn typing_case(
     let (mut peer, mut ack, mut lag) = (Vec::new(), Vec::new(), Vec::new());
     let mut delivered = 0;
     let mut errors = 0;
+    let mut slow_by_offset: std::collections::BTreeMap<usize, usize> = Default::default();
+    let mut slow_by_recv: std::collections::BTreeMap<usize, usize> = Default::default();
     for (j, o) in outs.iter().enumerate() {
         for (h, at) in &o.got {
             if let Some((author, typed)) = typed_at.get(h) {
                 if *author != j {
                     delivered += 1;
-                    peer.push(ms(at.saturating_duration_since(*typed)));
+                    let l = ms(at.saturating_duration_since(*typed));
+                    peer.push(l);
+                    if std::env::var("CLUSTER_DEBUG").is_ok() && l > 15.0 {
+                        let off = (j + t - author) % t;
+                        *slow_by_offset.entry(off).or_insert(0usize) += 1;
+                        *slow_by_recv.entry(j).or_insert(0usize) += 1;
+                    }
                 }
             }
         }
@@ -1420,6 +1532,9 @@ async fn typing_case(
         for e in o.errors.iter().take(3) {
             failures.push(format!("typing {label}: {e}"));
         }
+    }
+    if std::env::var("CLUSTER_DEBUG").is_ok() {
+        eprintln!("debug {label}: slow (>15ms) by receiver-author offset {slow_by_offset:?}, by receiver {slow_by_recv:?}");
     }
     if delivered < expected {
         failures.push(format!(
@@ -1531,15 +1646,28 @@ fn print_counters(rows: &[(&str, Option<FanoutCounters>)]) {
         return;
     }
     println!(
-        "  fan-out between PostgreSQL nodes (deltas, summed over nodes): {:<10} {:>9} {:>9} {:>9} {:>10} {:>9}",
-        "case", "published", "pub.fail", "received", "applied", "catch-ups"
+        "  between the PostgreSQL nodes during each case (metrics deltas, summed over nodes):"
+    );
+    println!(
+        "  {:<11} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
+        "case", "published", "pub.fail", "received", "applied", "readback.ch", "readback.del"
     );
     for (l, c) in rows {
         println!(
-            "  {:<62} {:<10} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9.0}",
-            "", l, c.published, c.publish_failures, c.received, c.applied, c.catchups
+            "  {:<11} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0}",
+            l,
+            c.published,
+            c.publish_failures,
+            c.received,
+            c.applied,
+            c.catchups_changes,
+            c.catchups_deleted
         );
     }
+    println!(
+        "  (readback = relay_fanout_catchups_total: a heads check or reconnect found the store's \
+         chunks differ and read the document back; .del = concluded it was deleted elsewhere)"
+    );
 }
 
 fn print_fanout(cfg: &Config, rows: &[FanoutRow]) {
@@ -1586,16 +1714,32 @@ fn print_fanout(cfg: &Config, rows: &[FanoutRow]) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let p99 = |l: &str| rows.iter().find(|r| r.label == l).map(|r| r.ack.p99);
-    if let (Some(single), Some(cross)) = (p99("pg x1"), p99("pg A->B")) {
+    for r in rows {
         println!(
-            "  cross-node p99 - single-node p99 (same store) = {:+.2} ms (target: at most +100 ms) -> {}",
-            cross - single,
-            if cross - single <= 100.0 { "met" } else { "NOT met" }
+            "  {:<10} send->sub ms histogram: {}",
+            r.label,
+            r.send.histogram()
         );
     }
-    if let (Some(sled), Some(single)) = (p99("sled"), p99("pg x1")) {
-        println!("  pg x1 p99 - sled p99 = {:+.2} ms", single - sled);
+    let row = |l: &str| rows.iter().find(|r| r.label == l);
+    if let (Some(single), Some(cross)) = (row("pg x1"), row("pg A->B")) {
+        for (base, one, two) in [
+            ("ack", single.ack.p99, cross.ack.p99),
+            ("send", single.send.p99, cross.send.p99),
+        ] {
+            println!(
+                "  cross-node p99 - single-node p99 (same store), from {base}: {:+.2} ms \
+                 (target: at most +100 ms) -> {}",
+                two - one,
+                if two - one <= 100.0 { "met" } else { "NOT met" }
+            );
+        }
+    }
+    if let (Some(sled), Some(single)) = (row("sled"), row("pg x1")) {
+        println!(
+            "  pg x1 - sled, p99 from send: {:+.2} ms",
+            single.send.p99 - sled.send.p99
+        );
     }
     let counters: Vec<(&str, Option<FanoutCounters>)> = rows
         .iter()
@@ -1704,6 +1848,18 @@ fn print_typing(cfg: &Config, rows: &[TypingRow]) {
          %core = the same per second of typing + drain; gen/pg/rds = CPU-seconds of this load \
          generator, PostgreSQL, Redis; lag99 = p99 ms by which keystrokes ran late"
     );
+    for r in rows {
+        println!(
+            "  {:<8} keystroke->peer ms histogram: {}",
+            r.label,
+            r.peer.histogram()
+        );
+        println!(
+            "  {:<8} keystroke->ack  ms histogram: {}",
+            "",
+            r.ack.histogram()
+        );
+    }
     let counters: Vec<(&str, Option<FanoutCounters>)> = rows
         .iter()
         .map(|r| (r.label.as_str(), r.counters))
@@ -1772,9 +1928,15 @@ async fn run(cfg: &Config, store: &str, prefix: &str) -> Vec<String> {
             .collect::<Vec<_>>()
             .join("; ")
     );
-    if let Err(e) = wait_fanout_connected(&c, &nodes).await {
-        failures.push(e);
-        return failures;
+    let notes = match wait_fanout_working(&c, &nodes).await {
+        Ok(notes) => notes,
+        Err(e) => {
+            failures.push(e);
+            return failures;
+        }
+    };
+    for n in &notes {
+        eprintln!("note: {n}");
     }
     let s = nodes.sled.relay.port;
     let sled_pid = [nodes.sled.relay.pid()];
@@ -1783,70 +1945,58 @@ async fn run(cfg: &Config, store: &str, prefix: &str) -> Vec<String> {
     let a = pg_ports[0];
     let spread = format!("pg x{}", cfg.nodes);
 
+    let ctx = Ctx {
+        cfg,
+        c: c.clone(),
+        nodes: &nodes,
+    };
+    let case = |label: &str, writer: u16, ports: Vec<u16>, pg: bool| Case {
+        label: label.to_string(),
+        writer,
+        ports,
+        pids: if pg {
+            pg_pids.clone()
+        } else {
+            sled_pid.to_vec()
+        },
+        pg,
+    };
+
     let mut fanout_rows = Vec::new();
     if cfg.runs("fanout") {
-        let mut cases: Vec<(String, u16, Vec<u16>, bool)> = vec![
-            ("sled".into(), s, vec![s], false),
-            ("pg x1".into(), a, vec![a], true),
-            ("pg A->B".into(), a, vec![pg_ports[1]], true),
+        let mut cases = vec![
+            case("sled", s, vec![s], false),
+            case("pg x1", a, vec![a], true),
+            case("pg A->B", a, vec![pg_ports[1]], true),
         ];
         if cfg.nodes >= 3 {
-            cases.push(("pg A->B,C".into(), a, pg_ports[1..3].to_vec(), true));
+            cases.push(case("pg A->B,C", a, pg_ports[1..3].to_vec(), true));
         }
-        for (label, writer, subs, pg) in cases {
-            eprintln!("(1) fan-out {label}…");
-            let pids: &[u32] = if pg { &pg_pids } else { &sled_pid };
-            if let Some(r) = fanout_case(
-                cfg,
-                &c,
-                &nodes,
-                &label,
-                writer,
-                &subs,
-                pids,
-                pg,
-                &mut failures,
-            )
-            .await
-            {
-                fanout_rows.push(r);
-            }
+        for k in &cases {
+            eprintln!("(1) fan-out {}…", k.label);
+            fanout_rows.extend(fanout_case(&ctx, k, &mut failures).await);
         }
     }
+    // Writers and typists: all on sled, all on A, round-robin over every PostgreSQL node.
+    let spread_cases = [
+        case("sled", s, vec![s], false),
+        case("pg x1", a, vec![a], true),
+        case(&spread, a, pg_ports.clone(), true),
+    ];
 
     let mut writer_rows = Vec::new();
     if cfg.runs("writers") {
-        let cases: Vec<(String, Vec<u16>, bool)> = vec![
-            ("sled".into(), vec![s], false),
-            ("pg x1".into(), vec![a], true),
-            (spread.clone(), pg_ports.clone(), true),
-        ];
-        for (label, ports, pg) in cases {
-            eprintln!("(2) writers {label}…");
-            let pids: &[u32] = if pg { &pg_pids } else { &sled_pid };
-            if let Some(r) =
-                writers_case(cfg, &c, &nodes, &label, &ports, pids, pg, &mut failures).await
-            {
-                writer_rows.push(r);
-            }
+        for k in &spread_cases {
+            eprintln!("(2) writers {}…", k.label);
+            writer_rows.extend(writers_case(&ctx, k, &mut failures).await);
         }
     }
 
     let mut typing_rows = Vec::new();
     if cfg.runs("typing") {
-        let cases: Vec<(String, Vec<u16>, bool)> = vec![
-            ("sled".into(), vec![s], false),
-            ("pg x1".into(), vec![a], true),
-            (spread.clone(), pg_ports.clone(), true),
-        ];
-        for (label, ports, pg) in cases {
-            eprintln!("(3) typing {label}…");
-            let pids: &[u32] = if pg { &pg_pids } else { &sled_pid };
-            if let Some(r) =
-                typing_case(cfg, &c, &nodes, &label, &ports, pids, pg, &mut failures).await
-            {
-                typing_rows.push(r);
-            }
+        for k in &spread_cases {
+            eprintln!("(3) typing {}…", k.label);
+            typing_rows.extend(typing_case(&ctx, k, &mut failures).await);
         }
     }
 
@@ -1867,6 +2017,9 @@ async fn run(cfg: &Config, store: &str, prefix: &str) -> Vec<String> {
         cfg.heads_check_secs,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    for n in &notes {
+        println!("  note at start: {n}");
+    }
     if !fanout_rows.is_empty() {
         print_fanout(cfg, &fanout_rows);
     }
