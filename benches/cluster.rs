@@ -465,12 +465,21 @@ struct FanoutCounters {
     /// Read-backs from the store (`relay_fanout_catchups_total`), by what they found.
     catchups_changes: f64,
     catchups_deleted: f64,
+    /// From `/_/stats`: snapshots written, documents loaded from the store.
+    compactions: f64,
+    loads: f64,
 }
 
 async fn counters_of(c: &reqwest::Client, ports: &[u16]) -> Vec<HashMap<String, f64>> {
     let mut out = Vec::new();
     for &p in ports {
-        out.push(fanout_metrics(c, p).await);
+        let mut m = fanout_metrics(c, p).await;
+        // And the owners' counters of compactions and loads from the store.
+        let s = stats(c, p).await;
+        for k in ["compactions", "loads"] {
+            m.insert(format!("stats:{k}"), s[k].as_u64().unwrap_or(0) as f64);
+        }
+        out.push(m);
     }
     out
 }
@@ -493,6 +502,8 @@ fn counters_delta(
                     d.catchups_deleted += x
                 }
                 "relay_fanout_catchups_total" => d.catchups_changes += x,
+                "stats:compactions" => d.compactions += x,
+                "stats:loads" => d.loads += x,
                 _ => {}
             }
         }
@@ -1649,24 +1660,35 @@ fn print_counters(rows: &[(&str, Option<FanoutCounters>)]) {
         "  between the PostgreSQL nodes during each case (metrics deltas, summed over nodes):"
     );
     println!(
-        "  {:<11} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
-        "case", "published", "pub.fail", "received", "applied", "readback.ch", "readback.del"
+        "  {:<11} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>6}",
+        "case",
+        "published",
+        "pub.fail",
+        "received",
+        "applied",
+        "readback.ch",
+        "readback.del",
+        "compactions",
+        "loads"
     );
     for (l, c) in rows {
         println!(
-            "  {:<11} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0}",
+            "  {:<11} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>11.0} {:>6.0}",
             l,
             c.published,
             c.publish_failures,
             c.received,
             c.applied,
             c.catchups_changes,
-            c.catchups_deleted
+            c.catchups_deleted,
+            c.compactions,
+            c.loads
         );
     }
     println!(
         "  (readback = relay_fanout_catchups_total: a heads check or reconnect found the store's \
-         chunks differ and read the document back; .del = concluded it was deleted elsewhere)"
+         chunks differ and read the document back; .del = concluded it was deleted elsewhere; \
+         compactions and loads from /_/stats; all hot documents count, not only the case's)"
     );
 }
 
