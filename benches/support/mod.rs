@@ -76,6 +76,22 @@ impl Relay {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
+
+    /// SIGTERM to this relay's pid and a wait of at most `grace` for it to exit (SIGKILL
+    /// then). Its exit status, `None` when it had to be killed.
+    pub fn stop(mut self, grace: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Err(_) => break,
+            }
+        }
+        None // Drop kills and reaps it.
+    }
 }
 
 impl Drop for Relay {
@@ -103,6 +119,42 @@ pub fn cpu_secs(pid: u32) -> f64 {
     let f: Vec<&str> = after_comm.split_whitespace().collect();
     let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (tick(11) + tick(12)) / 100.0
+}
+
+/// A process's command name and CPU time (user + system, seconds at 100 ticks per second),
+/// or `None` once it has exited. For accounting the services a benchmark talks to.
+pub fn proc_cpu(pid: u32) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_owned();
+    let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Some((comm, (tick(11) + tick(12)) / 100.0))
+}
+
+/// CPU seconds of every process whose command name is one of `names`, by pid (e.g. every
+/// `postgres` backend). Read-only: it only reads `/proc`.
+pub fn cpu_by_name(names: &[&str]) -> std::collections::HashMap<u32, (String, f64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some((comm, secs)) = proc_cpu(pid) {
+            if names.contains(&comm.as_str()) {
+                out.insert(pid, (comm, secs));
+            }
+        }
+    }
+    out
 }
 
 /// `--name value` from the command line, or `default`.
