@@ -245,7 +245,15 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                // Replies and pushes are small frames the client is waiting for: Nagle's
+                // algorithm held a push behind the client's delayed ACK of the previous frame,
+                // one delivery in seven of a typing storm at 20-50 ms instead of 2-5 ms.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+                stream
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot accept a connection");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;

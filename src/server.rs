@@ -140,6 +140,8 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
     let max_connections = accept::fit_to_fd_limit(args.max_connections, accept::raise_fd_limit());
     let live = ConnectionLimits::new(max_connections, args.max_doc_connections);
     let store = open_store(&args).await?;
+    // Before anything records a metric (the fan-out sets its gauges as it connects).
+    let metrics = crate::metrics::install();
     let docs = Documents::with_config(
         store,
         DocConfig {
@@ -186,7 +188,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
         tasks: tasks.clone(),
         hub: Arc::new(Hub::new(format!("automerge-relay-{}", std::process::id()))),
         followers: Followers::new(),
-        metrics: crate::metrics::install(),
+        metrics,
         auth: auth.clone(),
         metrics_public: args.metrics_public,
         uploads: Arc::new(UploadGate::new(

@@ -550,7 +550,10 @@ impl Owner {
             max_pending: config.max_pending,
             // A snapshot is at most the stored size; near the disk watermark it would be
             // refused after a full save, turn after turn, so it is not taken then.
-            want_snapshot: !work.jobs.is_empty()
+            // Only a node that writes compacts: one holding the document for its subscribers
+            // would write a snapshot of other nodes' chunks to the shared store (and make them
+            // read it back), once per node.
+            want_snapshot: work.jobs.iter().any(|j| !j.source.is_stored())
                 && !self.snapshot_pending
                 && self.chunks.wants_compaction()
                 && self.shared.store.admit(self.chunks.stored_bytes()).is_ok(),
