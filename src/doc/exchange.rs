@@ -2,10 +2,16 @@
 //! with the batch), answer requests for a document that does not exist with `doc-unavailable`,
 //! then generate sync messages.
 //!
-//! A peer that sent changes, asked for the document or is new is answered at once; every
-//! other peer gets at most one message per interval (the owner runs a flush turn when
-//! held-back peers are due), which coalesces a typing storm into few frames. A peer whose sync
-//! is in flight gets nothing until it answers (automerge's flow control). Time is passed in.
+//! A peer that sent changes, asked for the document or is new is answered at once. Pushes to
+//! the other peers are coalesced only while they are busy: a peer that answered our last
+//! message gets a turn's changes at once (the leading edge: at low load the latency is the
+//! work, not a timer); one whose last message is still unanswered waits for its answer, whose
+//! turn then sends everything since in one message (natural batching, as group commit does for
+//! writes), or at most the interval after our last message (the owner runs a flush turn when
+//! held-back peers are due). A typing storm so still becomes few frames. Time is passed in.
+//!
+//! Measured with the typing storm (`benches/typing-storm.sh`): a fixed interval held every
+//! push to a quiet peer for up to 50 ms (p50 59 ms at 4 typists, where samod answered in 18).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -96,7 +102,7 @@ pub(super) fn repo_exchange(
             peer.due = false;
             continue;
         }
-        if !is_urgent {
+        if !is_urgent && peer.state.in_flight {
             let ready_at = peer.last_sent.map(|t| t + turn.interval);
             if let Some(ready_at) = ready_at.filter(|t| *t > now) {
                 peer.due = true;
@@ -201,10 +207,8 @@ mod tests {
         sent
     }
 
-    #[test]
-    fn pushes_to_a_quiet_peer_are_coalesced_by_the_interval() {
-        let id = DocId::parse("x").unwrap();
-        let t0 = Instant::now();
+    /// A server with one change and a client in sync with it.
+    fn synced(t0: Instant) -> (Automerge, AutoCommit, Client, RepoStates) {
         let mut server = Automerge::new();
         let mut writer = AutoCommit::new();
         writer.put(ROOT, "n", 0).unwrap();
@@ -217,26 +221,73 @@ mod tests {
         peers.insert(1, PeerSync::default());
         settle(&mut client, &mut server, &mut peers, t0);
         assert_eq!(client.doc.get_heads(), server.get_heads(), "in sync");
+        (server, writer, client, peers)
+    }
 
-        // Ten writes 10 ms apart, starting right after the sync: each turn is held back until
-        // the interval since the last push has passed.
-        let mut pushed = 0;
+    /// The writer's next change, merged into the server (as a turn of another writer would).
+    fn write(writer: &mut AutoCommit, server: &mut Automerge, n: i64) {
+        let heads = writer.get_heads();
+        writer.put(ROOT, "n", n).unwrap();
+        server.load_incremental(&writer.save_after(&heads)).unwrap();
+    }
+
+    #[test]
+    fn a_push_to_a_peer_that_answered_goes_at_once_and_coalesces_while_unanswered() {
+        let id = DocId::parse("x").unwrap();
+        let t0 = Instant::now();
+        let (mut server, mut writer, mut client, mut peers) = synced(t0);
+
+        // Quiet: the first change goes out in its own turn, no timer.
+        write(&mut writer, &mut server, 1);
+        let now = t0 + Duration::from_millis(10);
+        let (out, next) = repo_exchange(&id, &mut server, &mut peers, vec![], &turn(true, now));
+        assert_eq!(client.take(&out), 1, "leading edge");
+        assert_eq!(next, None);
+
+        // Nine more while that push is unanswered: held back, a flush scheduled.
         let mut due = None;
-        for i in 1..=10u64 {
-            let heads = writer.get_heads();
-            writer.put(ROOT, "n", i as i64).unwrap();
-            server.load_incremental(&writer.save_after(&heads)).unwrap();
+        for i in 2..=10u64 {
+            write(&mut writer, &mut server, i as i64);
             let now = t0 + Duration::from_millis(10 * i);
             let (out, next) = repo_exchange(&id, &mut server, &mut peers, vec![], &turn(true, now));
-            pushed += client.take(&out);
+            assert_eq!(client.take(&out), 0, "unanswered: coalesced");
             due = next.or(due);
         }
-        assert_eq!(pushed, 0, "every push waited for the interval");
-        let due = due.expect("a flush turn is scheduled");
-        assert_eq!(due, t0 + INTERVAL, "one interval after the last push");
-        // The flush turn at the due time sends one message with all ten changes.
-        let (out, next) = repo_exchange(&id, &mut server, &mut peers, vec![], &turn(false, due));
+        assert_eq!(due, Some(t0 + Duration::from_millis(10) + INTERVAL));
+
+        // The peer's answer starts a turn that sends the nine in one message, before the timer.
+        let answer = client.send(&mut server).expect("the client acknowledges");
+        assert!(!answer.had_changes);
+        let now = t0 + Duration::from_millis(120);
+        let (out, next) = repo_exchange(
+            &id,
+            &mut server,
+            &mut peers,
+            vec![answer],
+            &turn(false, now),
+        );
+        assert_eq!(client.take(&out), 1, "one message for the nine changes");
+        assert_eq!(next, None);
+        settle(&mut client, &mut server, &mut peers, now);
+        assert_eq!(client.doc.get_heads(), server.get_heads());
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_gets_the_held_back_changes_after_the_interval() {
+        let id = DocId::parse("x").unwrap();
+        let t0 = Instant::now();
+        let (mut server, mut writer, mut client, mut peers) = synced(t0);
+        write(&mut writer, &mut server, 1);
+        let (out, _) = repo_exchange(&id, &mut server, &mut peers, vec![], &turn(true, t0));
         assert_eq!(client.take(&out), 1);
+        write(&mut writer, &mut server, 2);
+        let later = t0 + Duration::from_millis(5);
+        let (out, due) = repo_exchange(&id, &mut server, &mut peers, vec![], &turn(true, later));
+        assert_eq!(client.take(&out), 0);
+        let due = due.expect("a flush turn is scheduled");
+        assert_eq!(due, t0 + INTERVAL);
+        let (out, next) = repo_exchange(&id, &mut server, &mut peers, vec![], &turn(false, due));
+        assert_eq!(client.take(&out), 1, "the flush turn sends it");
         assert_eq!(next, None);
         settle(&mut client, &mut server, &mut peers, due);
         assert_eq!(client.doc.get_heads(), server.get_heads());
