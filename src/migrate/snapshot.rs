@@ -62,6 +62,7 @@ impl Snapshot {
         let upload = match parse_upload(Bytes::from(bytes)) {
             Ok(upload) => upload,
             Err(RelayError::NoChanges) => return Covered::Yes,
+            Err(RelayError::InvalidBody(why)) => return Covered::Unreadable(why),
             Err(e) => return Covered::Unreadable(e.to_string()),
         };
         let missing = upload

@@ -125,20 +125,16 @@ fn plural(n: impl Into<u64>, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-fn ending_line(f: &mut fmt::Formatter<'_>, ending: &Ending, skipped_any: bool) -> fmt::Result {
-    match ending {
-        Ending::Done if skipped_any => {
-            writeln!(
-                f,
-                "  result:    done; the files and documents named above were left out"
-            )
-        }
-        Ending::Done => writeln!(f, "  result:    done"),
-        Ending::Interrupted => writeln!(
+/// The last line; `left_out` says what the lines above name, when they name anything.
+fn ending_line(f: &mut fmt::Formatter<'_>, ending: &Ending, left_out: Option<&str>) -> fmt::Result {
+    match (ending, left_out) {
+        (Ending::Done, Some(left_out)) => writeln!(f, "  result:    done; {left_out}"),
+        (Ending::Done, None) => writeln!(f, "  result:    done"),
+        (Ending::Interrupted, _) => writeln!(
             f,
             "  result:    interrupted; what is counted above is done, run again to finish"
         ),
-        Ending::Failed(why) => writeln!(f, "  result:    FAILED: {why}"),
+        (Ending::Failed(why), _) => writeln!(f, "  result:    FAILED: {why}"),
     }
 }
 
@@ -222,7 +218,8 @@ impl fmt::Display for ImportSummary {
             )?;
         }
         let skipped_any = !self.bad_files.is_empty() || !self.skipped_docs.is_empty();
-        ending_line(f, &self.ending, skipped_any)
+        let left_out = "the files and documents named above were not imported";
+        ending_line(f, &self.ending, skipped_any.then_some(left_out))
     }
 }
 
@@ -256,8 +253,16 @@ impl fmt::Display for ExportSummary {
             writeln!(f, "  files left in place:")?;
             list(f, &self.kept)?;
         }
-        let skipped_any = !self.skipped_docs.is_empty() || !self.kept.is_empty();
-        ending_line(f, &self.ending, skipped_any)
+        let left_out = match (self.skipped_docs.is_empty(), self.kept.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some("the documents named above were not exported"),
+            (true, false) => Some("the files named above were left as they were"),
+            (false, false) => Some(
+                "the documents named above were not exported, the files named above were left \
+                 as they were",
+            ),
+        };
+        ending_line(f, &self.ending, left_out)
     }
 }
 
@@ -307,7 +312,10 @@ mod tests {
             text.contains("1 bad chunk file, 1 sync state, 1 other file"),
             "{text}"
         );
-        assert!(text.contains("result:    done; the files"), "{text}");
+        assert!(
+            text.contains("result:    done; the files and documents named above were not imported"),
+            "{text}"
+        );
         assert_eq!(
             summary.ending.exit_code(),
             0,
