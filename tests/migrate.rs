@@ -184,6 +184,17 @@ fn fixture_dir(dir: &Path) -> Fixture {
         "the adapter wrote one incremental per save"
     );
     let corrupt = add_corrupt_chunk(dir, counter);
+    // A document under an id the relay does not take (a leading `_`): valid data, skipped.
+    let small = docs[2]["id"].as_str().unwrap();
+    let small_dir = dir.join(&small[..2]).join(&small[2..]).join("snapshot");
+    let snapshot = std::fs::read_dir(&small_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let odd = dir.join("_n/ot-a-relay-id/snapshot");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::copy(snapshot.path(), odd.join(snapshot.file_name())).unwrap();
     Fixture {
         heads,
         counter: counter.to_string(),
@@ -195,14 +206,12 @@ fn fixture_dir(dir: &Path) -> Fixture {
 fn assert_first_import(run: &Run, corrupt: &str) {
     assert_eq!(run.code, Some(0), "a corrupt file is no failure");
     let out = &run.stdout;
-    assert!(
-        out.contains("5 found; 5 created, 0 updated, 0 unchanged"),
-        "{out}"
-    );
-    assert!(
-        out.contains("1 bad chunk file, 1 sync state, 1 other file, 0 documents"),
-        "{out}"
-    );
+    let found = "6 found; 5 created, 0 updated, 0 unchanged, 0 empty, 1 skipped";
+    assert!(out.contains(found), "{out}");
+    let skipped = "1 bad chunk file, 1 sync state, 1 other file, 1 document";
+    assert!(out.contains(skipped), "{out}");
+    let odd = "    _not-a-relay-id: not a relay document id (document id must not start with '_'";
+    assert!(out.contains(odd), "{out}");
     assert!(
         out.contains(&format!("    {corrupt}: not valid Automerge data")),
         "{out}"
@@ -213,9 +222,9 @@ fn assert_first_import(run: &Run, corrupt: &str) {
     );
     assert!(out.contains("216 new stored"), "{out}");
     // Plain progress lines, stderr being no terminal.
-    assert!(run.stderr.contains("import: 5 documents"), "{}", run.stderr);
+    assert!(run.stderr.contains("import: 6 documents"), "{}", run.stderr);
     assert!(
-        run.stderr.contains("import: 5/5 documents in"),
+        run.stderr.contains("import: 6/6 documents in"),
         "{}",
         run.stderr
     );
@@ -226,7 +235,7 @@ fn assert_nothing_new(run: &Run) {
     assert_eq!(run.code, Some(0));
     let out = &run.stdout;
     assert!(
-        out.contains("5 found; 0 created, 0 updated, 5 unchanged"),
+        out.contains("6 found; 0 created, 0 updated, 5 unchanged"),
         "{out}"
     );
     assert!(out.contains("0 new stored"), "{out}");
