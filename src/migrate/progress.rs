@@ -29,7 +29,7 @@ impl Progress {
         let now = Instant::now();
         let shown = if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let template = "{prefix}: {bar:40} {pos}/{len} documents ({per_sec}, {eta} left)";
+            let template = "{prefix}: {bar:40} {pos}/{len} documents ({elapsed}, {eta} left)";
             if let Ok(style) = ProgressStyle::with_template(template) {
                 bar.set_style(style);
             }
