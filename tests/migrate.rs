@@ -220,7 +220,7 @@ fn assert_first_import(run: &Run, corrupt: &str) {
         out.contains("st/orage-adapter-id: not a document chunk"),
         "{out}"
     );
-    assert!(out.contains("216 new stored"), "{out}");
+    assert!(out.contains("216 new changes stored"), "{out}");
     // Plain progress lines, stderr being no terminal.
     assert!(run.stderr.contains("import: 6 documents"), "{}", run.stderr);
     assert!(
@@ -238,7 +238,7 @@ fn assert_nothing_new(run: &Run) {
         out.contains("6 found; 0 created, 0 updated, 5 unchanged"),
         "{out}"
     );
-    assert!(out.contains("0 new stored"), "{out}");
+    assert!(out.contains("0 new changes stored"), "{out}");
     assert!(out.contains(", 0 B stored"), "{out}");
 }
 

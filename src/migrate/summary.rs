@@ -171,8 +171,9 @@ impl fmt::Display for ImportSummary {
         )?;
         writeln!(
             f,
-            "  changes:   {} new {would}stored ({} waiting for missing dependencies)",
-            self.new_changes, self.waiting
+            "  changes:   {} {would}stored ({} waiting for missing dependencies)",
+            plural(self.new_changes, "new change", "new changes"),
+            self.waiting
         )?;
         writeln!(
             f,
@@ -303,7 +304,7 @@ mod tests {
             text.contains("2 found; 1 created, 0 updated, 1 unchanged"),
             "{text}"
         );
-        assert!(text.contains("3 new stored"), "{text}");
+        assert!(text.contains("3 new changes stored"), "{text}");
         assert!(
             text.contains("    ab/cd/incremental/ff: not valid Automerge data"),
             "{text}"
