@@ -10,6 +10,7 @@
 //! - `doc`: one owner task per document (batched merge, group commit, subscribers);
 //! - `storage`: the store trait and its backends;
 //! - helpers: `id`, `upload` (strict validation), `error`, `config`, `limits`, `metrics`, `alloc`.
+//! - `migrate`: `import`/`export` between the store and an automerge-repo directory (no server).
 //!
 //! Every module is private: the items below are what the binary, the tests, the benchmarks and
 //! the fuzz targets use.

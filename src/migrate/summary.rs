@@ -237,7 +237,7 @@ impl fmt::Display for ExportSummary {
         )?;
         writeln!(
             f,
-            "  changes:   {} exported ({} waiting for missing dependencies)",
+            "  changes:   {} in the exported documents ({} waiting for missing dependencies)",
             self.changes, self.waiting
         )?;
         writeln!(
