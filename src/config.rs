@@ -27,6 +27,45 @@ pub enum Command {
     /// Print a new random secret and the --auth-tokens entry that accepts it (starts no
     /// server).
     Token(TokenArgs),
+    /// Import the documents of an automerge-repo storage directory (NodeFSStorageAdapter,
+    /// automerge-repo-sync-server) into the store (starts no server).
+    Import(Box<ImportArgs>),
+    /// Export every document of the store into an automerge-repo storage directory (starts no
+    /// server).
+    Export(Box<ExportArgs>),
+}
+
+/// `automerge-relay import DIR`: the store options are the server's.
+#[derive(Args, Debug, Clone)]
+pub struct ImportArgs {
+    /// The automerge-repo storage directory (what NodeFSStorageAdapter wrote).
+    pub dir: PathBuf,
+    /// Read and check everything but store nothing: the summary says what an import would
+    /// store.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// `automerge-relay export DIR`: the store options are the server's.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// The automerge-repo storage directory to write (created if missing).
+    pub dir: PathBuf,
+    /// Also export documents whose ids are not automerge-repo ids (bs58check): they are
+    /// written in the layout, but a Repo cannot `find` them.
+    #[arg(long)]
+    pub all_ids: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// `import` or `export`: what `crate::migrate` runs.
+#[derive(Debug)]
+pub enum Migration {
+    Import(ImportArgs),
+    Export(ExportArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -43,6 +82,8 @@ pub enum Run {
     Token {
         name: String,
     },
+    /// `automerge-relay import` or `export`.
+    Migrate(Box<Migration>),
 }
 
 impl Cli {
@@ -51,22 +92,33 @@ impl Cli {
         match self.command {
             Some(Command::Serve(args)) => Run::Serve(args),
             Some(Command::Token(args)) => Run::Token { name: args.name },
+            Some(Command::Import(args)) => Run::Migrate(Box::new(Migration::Import(*args))),
+            Some(Command::Export(args)) => Run::Migrate(Box::new(Migration::Export(*args))),
             None => Run::Serve(Box::new(self.serve)),
         }
     }
 }
 
 impl Run {
-    /// The serve arguments, or for `token` what it prints instead. (lib.rs re-exports only
-    /// `Cli`, so the binary cannot match on `Run` itself.)
-    pub fn into_serve_args(self) -> Result<ServeArgs, TokenPrintout> {
+    /// The serve arguments, or what runs instead of the server. (lib.rs re-exports only `Cli`
+    /// and `NotServing`, so the binary cannot match on `Run` itself.)
+    pub fn into_serve_args(self) -> Result<ServeArgs, NotServing> {
         match self {
             Run::Serve(args) => Ok(*args),
-            Run::Token { name } => Err(TokenPrintout {
+            Run::Token { name } => Err(NotServing::Token(TokenPrintout {
                 text: crate::auth::token_printout(&name),
-            }),
+            })),
+            Run::Migrate(job) => Err(NotServing::Migrate(job)),
         }
     }
+}
+
+/// A command that starts no server.
+pub enum NotServing {
+    /// `token`: what it prints.
+    Token(TokenPrintout),
+    /// `import` or `export`: `crate::run_migration` runs it.
+    Migrate(Box<Migration>),
 }
 
 /// What `automerge-relay token` prints: the secret and its entry, or why none could be made.
@@ -378,7 +430,7 @@ mod tests {
     fn serve_args(cli: Cli) -> ServeArgs {
         match cli.into_command() {
             Run::Serve(args) => *args,
-            Run::Token { .. } => panic!("expected serve"),
+            Run::Token { .. } | Run::Migrate(_) => panic!("expected serve"),
         }
     }
 
@@ -415,7 +467,7 @@ mod tests {
     fn the_token_subcommand_takes_a_name_and_no_serve_flags() {
         let name = |cli: Cli| match cli.into_command() {
             Run::Token { name } => name,
-            Run::Serve(_) => panic!("expected token"),
+            Run::Serve(_) | Run::Migrate(_) => panic!("expected token"),
         };
         assert_eq!(
             name(Cli::parse_from(["automerge-relay", "token"])),
@@ -428,8 +480,42 @@ mod tests {
         let printout = Cli::parse_from(["automerge-relay", "token"])
             .into_command()
             .into_serve_args()
-            .err()
-            .map(|p| p.text);
-        assert!(matches!(printout, Some(Ok(text)) if text.contains("name = \"my-device\"")));
+            .err();
+        assert!(
+            matches!(printout, Some(NotServing::Token(TokenPrintout { text: Ok(text) })) if text.contains("name = \"my-device\""))
+        );
+    }
+
+    #[test]
+    fn import_and_export_take_a_dir_and_the_store_flags() {
+        let job = |args: &[&str]| match Cli::parse_from(args).into_command() {
+            Run::Migrate(job) => *job,
+            _ => panic!("expected a migration"),
+        };
+        let cli = ["automerge-relay", "import", "repo-data", "--dry-run"];
+        let Migration::Import(import) = job(&cli) else {
+            panic!("expected import")
+        };
+        assert_eq!(import.dir, PathBuf::from("repo-data"));
+        assert!(import.dry_run);
+        assert_eq!(import.serve.store, StoreKind::Sled);
+        let cli = [
+            "automerge-relay",
+            "export",
+            "out",
+            "--store",
+            "memory",
+            "--all-ids",
+        ];
+        let Migration::Export(export) = job(&cli) else {
+            panic!("expected export")
+        };
+        assert_eq!(export.dir, PathBuf::from("out"));
+        assert!(export.all_ids);
+        assert_eq!(export.serve.store, StoreKind::Memory);
+        assert!(
+            Cli::try_parse_from(["automerge-relay", "import"]).is_err(),
+            "DIR is required"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! - `doc`: one owner task per document (batched merge, group commit, subscribers);
 //! - `storage`: the store trait and its backends;
 //! - helpers: `id`, `upload` (strict validation), `error`, `config`, `limits`, `metrics`, `alloc`.
+//! - `migrate`: `import`/`export` between the store and an automerge-repo directory (no server).
 //!
 //! Every module is private: the items below are what the binary, the tests, the benchmarks and
 //! the fuzz targets use.
@@ -26,6 +27,7 @@ mod id;
 mod limits;
 mod live;
 mod metrics;
+mod migrate;
 mod ops;
 mod repo;
 mod router;
@@ -37,9 +39,10 @@ mod transport;
 mod upload;
 mod ws_doc;
 
-// The binary: flags, the allocator's tuning, running until a signal.
+// The binary: flags, the allocator's tuning, running until a signal; import and export.
 pub use alloc::{spawn_trimmer, tune as tune_allocator, TRIM_EVERY};
-pub use config::Cli;
+pub use config::{Cli, NotServing};
+pub use migrate::run as run_migration;
 pub use server::{run, shutdown_signal, ServeError};
 
 // What parses client bytes, for the property tests, benchmarks and fuzz targets.

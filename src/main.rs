@@ -1,5 +1,6 @@
 //! The `automerge-relay` binary: parse flags, set up logging, run until a signal; or, for
-//! `automerge-relay token`, print a new token and exit (no runtime, no logging, no server).
+//! `automerge-relay token`, print a new token and exit (no runtime, no logging, no server);
+//! or, for `import` and `export`, migrate from or to an automerge-repo directory (no server).
 
 use std::future::Future;
 use std::io::IsTerminal;
@@ -8,12 +9,23 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use automerge_relay::Cli;
+use automerge_relay::{Cli, NotServing};
 
 fn main() -> std::process::ExitCode {
     let args = match Cli::parse().into_command().into_serve_args() {
         Ok(args) => args,
-        Err(token) => {
+        Err(NotServing::Migrate(job)) => {
+            // Only the store's warnings and errors by default: the progress and the summary are
+            // the command's own output.
+            let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+            tracing_subscriber::fmt()
+                .with_env_filter(log_filter(&level))
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init();
+            return automerge_relay::run_migration(*job);
+        }
+        Err(NotServing::Token(token)) => {
             return match token.text {
                 Ok(text) => {
                     print!("{text}");

@@ -103,6 +103,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "repo", "storage", "metrics", "cluster",
         ],
     ),
+    (
+        "migrate",
+        &["config", "server", "storage", "upload", "id", "error"],
+    ),
 ];
 
 /// Files that are transports: thin adapters that never touch the store.
