@@ -35,8 +35,8 @@ mod owner_tests;
 
 pub use api::{DocEvent, Precondition, ReadOutcome, Subscription, WriteOutcome};
 pub use cluster::{Cluster, Watching};
-pub use observer::Observer;
 pub use etag::{etag_for, parse_heads};
+pub use observer::Observer;
 pub use peer::{Outgoing, PeerLink, PeerQueue, Queued};
 pub use peer_sync::PeerSync;
 pub use registry::Documents;

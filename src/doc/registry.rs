@@ -19,8 +19,8 @@ use super::api::{
     Subscription, WriteJob, WriteOutcome, WriteRequest,
 };
 use super::cluster::Cluster;
-use super::observer::Observer;
 use super::evictor::{self, Candidate, Gauge};
+use super::observer::Observer;
 use super::owner::Owner;
 use super::peer::PeerLink;
 use super::shared::{store_error, DocConfig, Forwarding, Registrar, Shared, StoreReport};

@@ -747,9 +747,11 @@ impl Owner {
             heads: turn.heads.clone(),
             exists: turn.exists,
         };
-        if let (true, Some(observer), Some(push)) =
-            (stored_here, self.shared.observer(), turn.effects.push.as_ref())
-        {
+        if let (true, Some(observer), Some(push)) = (
+            stored_here,
+            self.shared.observer(),
+            turn.effects.push.as_ref(),
+        ) {
             let applied = turn
                 .effects
                 .results
