@@ -100,9 +100,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "server",
         &[
             "accept", "upload", "auth", "config", "doc", "state", "router", "limits", "live",
-            "repo", "storage", "metrics", "cluster",
+            "repo", "storage", "metrics", "cluster", "webhook",
         ],
     ),
+    ("webhook", &["doc", "id"]),
 ];
 
 /// Files that are transports: thin adapters that never touch the store.
