@@ -170,9 +170,16 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Updates the queue (and its gauge, under the same lock, so it never goes stale).
+    fn update<T>(&self, f: impl FnOnce(&mut Debouncer) -> T) -> T {
+        let mut queue = self.lock();
+        let out = f(&mut queue);
+        metrics::gauge!("relay_webhook_queue").set(queue.len() as f64);
+        out
+    }
+
     /// After an event: wake the dispatcher if it must, or count a drop.
-    fn admitted(&self, id: &DocId, admission: Admission, queued: usize) {
-        metrics::gauge!("relay_webhook_queue").set(queued as f64);
+    fn admitted(&self, id: &DocId, admission: Admission) {
         match admission {
             Admission::Queued { sooner: true } => self.wake.notify_one(),
             Admission::Queued { sooner: false } => {}
@@ -199,20 +206,16 @@ impl Shared {
 impl Observer for Webhook {
     fn changed(&self, id: &DocId, heads: &[ChangeHash], applied: usize) {
         let (now, at) = (Instant::now(), SystemTime::now());
-        let (admission, queued) = {
-            let mut queue = self.shared.lock();
-            (queue.changed(id, heads, applied, now, at), queue.len())
-        };
-        self.shared.admitted(id, admission, queued);
+        let admission = self
+            .shared
+            .update(|q| q.changed(id, heads, applied, now, at));
+        self.shared.admitted(id, admission);
     }
 
     fn deleted(&self, id: &DocId) {
         let (now, at) = (Instant::now(), SystemTime::now());
-        let (admission, queued) = {
-            let mut queue = self.shared.lock();
-            (queue.deleted(id, now, at), queue.len())
-        };
-        self.shared.admitted(id, admission, queued);
+        let admission = self.shared.update(|q| q.deleted(id, now, at));
+        self.shared.admitted(id, admission);
     }
 }
 
@@ -230,7 +233,8 @@ async fn dispatch(shared: Arc<Shared>) {
             (calls, next)
         };
         for call in calls {
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Free (no more calls were taken than slots were free); never closed.
+            let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
             tokio::spawn(send(shared.clone(), call, permit));
@@ -299,12 +303,10 @@ async fn send(shared: Arc<Shared>, call: Call, permit: OwnedSemaphorePermit) {
         }
     }
     drop(permit);
-    let queued = {
-        let mut queue = shared.lock();
-        queue.finished(&call.id, Instant::now());
-        queue.len()
-    };
-    metrics::gauge!("relay_webhook_queue").set(queued as f64);
+    let queued = shared.update(|q| {
+        q.finished(&call.id, Instant::now());
+        q.len()
+    });
     shared.wake.notify_one();
     if queued == 0 {
         shared.idle.notify_waiters();
