@@ -231,7 +231,7 @@ mod tests {
         let timeout = Duration::from_secs(10);
         assert!(Deliverer::new("ftp://example.com/x", timeout, 1).is_err());
         assert!(Deliverer::new("not a url", timeout, 1).is_err());
-        assert!(Deliverer::new("unix:/tmp/socket", timeout, 1).is_err());
+        assert!(Deliverer::new("unix:relay.sock", timeout, 1).is_err());
         let d = Deliverer::new(
             "https://user:pw@hooks.example.com:8443/t0ken?k=v",
             timeout,
