@@ -341,6 +341,38 @@ pub struct ServeArgs {
     /// Serve /_/metrics without a token (it never shows secrets or document contents).
     #[arg(long, env = "RELAY_METRICS_PUBLIC")]
     pub metrics_public: bool,
+
+    /// POST a signed JSON call to this http(s) URL after a document changes (debounced) or is
+    /// deleted. Needs --webhook-secret-file.
+    #[arg(long, env = "RELAY_WEBHOOK")]
+    pub webhook: Option<String>,
+
+    /// The key of the webhook signature (X-Relay-Signature, HMAC-SHA256): this file's bytes,
+    /// one trailing newline ignored.
+    #[arg(long, env = "RELAY_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// Quiet milliseconds after a document's last change before its webhook call is sent.
+    #[arg(long, env = "RELAY_WEBHOOK_DEBOUNCE_MS", default_value_t = 2_000)]
+    pub webhook_debounce_ms: u64,
+
+    /// Longest a change waits for its webhook call however busy its document is.
+    #[arg(long, env = "RELAY_WEBHOOK_MAX_WAIT_MS", default_value_t = 10_000)]
+    pub webhook_max_wait_ms: u64,
+
+    /// Retries of a webhook call after a network error, a timeout, a 429 or a 5xx (backoff
+    /// 0.5 s, 1 s, 2 s … up to 30 s).
+    #[arg(long, env = "RELAY_WEBHOOK_RETRIES", default_value_t = 5)]
+    pub webhook_retries: u32,
+
+    /// Documents whose webhook calls may wait at once; past it a new document's calls are
+    /// dropped (counted in relay_webhook_dropped_total).
+    #[arg(long, env = "RELAY_WEBHOOK_QUEUE", default_value_t = 10_000)]
+    pub webhook_queue: usize,
+
+    /// Seconds one webhook request may take (at least 1).
+    #[arg(long, env = "RELAY_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
+    pub webhook_timeout_secs: u64,
 }
 
 /// `--min-free-disk`: bytes, or a share of the file system.
@@ -517,5 +549,16 @@ mod tests {
             Cli::try_parse_from(["automerge-relay", "import"]).is_err(),
             "DIR is required"
         );
+    }
+
+    #[test]
+    fn webhook_defaults() {
+        let args = serve_args(Cli::parse_from(["automerge-relay"]));
+        assert_eq!(args.webhook, None);
+        assert_eq!(args.webhook_debounce_ms, 2_000);
+        assert_eq!(args.webhook_max_wait_ms, 10_000);
+        assert_eq!(args.webhook_retries, 5);
+        assert_eq!(args.webhook_queue, 10_000);
+        assert_eq!(args.webhook_timeout_secs, 10);
     }
 }

@@ -37,6 +37,7 @@ mod state;
 mod storage;
 mod transport;
 mod upload;
+mod webhook;
 mod ws_doc;
 
 // The binary: flags, the allocator's tuning, running until a signal; import and export.

@@ -31,6 +31,7 @@ use crate::storage::{
     Opened, PgSettings, PostgresStore, SledStore, Store,
 };
 use crate::upload::UploadGate;
+use crate::webhook::{Webhook, WebhookSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -206,6 +207,15 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
             connections: live.clone(),
         }),
     };
+    // Once the metrics recorder is installed (above), before anything is served.
+    let webhook = match &args.webhook {
+        Some(url) => {
+            let hook = Webhook::start(webhook_settings(&args, url)).map_err(ServeError::Config)?;
+            docs.observe(hook.clone());
+            Some(hook)
+        }
+        None => None,
+    };
     let app = router(state, &args.cors_origin).map_err(ServeError::Config)?;
     {
         let mut out = std::io::stdout().lock();
@@ -248,8 +258,24 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<(), Ser
              acknowledged, so nothing acknowledged is lost; exiting 0"
         ),
     }
+    // Every change is durable now: the webhook calls still waiting go out, debounce or not.
+    if let Some(hook) = &webhook {
+        hook.finish(deadline).await;
+    }
     release(docs, deadline).await;
     Ok(())
+}
+
+fn webhook_settings(args: &ServeArgs, url: &str) -> WebhookSettings {
+    WebhookSettings {
+        url: url.to_owned(),
+        secret_file: args.webhook_secret_file.clone(),
+        debounce: Duration::from_millis(args.webhook_debounce_ms),
+        max_wait: Duration::from_millis(args.webhook_max_wait_ms),
+        retries: args.webhook_retries,
+        queue: args.webhook_queue,
+        timeout: Duration::from_secs(args.webhook_timeout_secs.max(1)),
+    }
 }
 
 /// Drops the last handles on the store on a thread of its own, waiting at most until

@@ -100,13 +100,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "server",
         &[
             "accept", "upload", "auth", "config", "doc", "state", "router", "limits", "live",
-            "repo", "storage", "metrics", "cluster",
+            "repo", "storage", "metrics", "cluster", "webhook",
         ],
     ),
     (
         "migrate",
         &["config", "server", "storage", "upload", "id", "error"],
     ),
+    ("webhook", &["doc", "id"]),
 ];
 
 /// Files that are transports: thin adapters that never touch the store.
