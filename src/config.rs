@@ -290,8 +290,9 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_MEMORY_BUDGET", default_value = "512MiB", value_parser = parse_size)]
     pub memory_budget: usize,
 
-    /// Least milliseconds between two sync messages the relay pushes to one automerge-repo
-    /// peer (answers to a peer's own changes and requests are never held back).
+    /// Longest milliseconds a push to an automerge-repo peer waits for the peer to answer the
+    /// relay's previous sync message (a peer that answered gets pushes at once; answers to a
+    /// peer's own changes and requests are never held back).
     #[arg(long, env = "RELAY_REPO_SYNC_INTERVAL_MS", default_value_t = 50)]
     pub repo_sync_interval_ms: u64,
 
