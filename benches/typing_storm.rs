@@ -5,12 +5,13 @@
 //! Every typist and the observer is a real protocol peer on its own WebSocket: `join`, wait for
 //! `peer`, then the real automerge sync exchange for one document, replying to every incoming
 //! sync at once and sending local changes at most once per 100 ms (the automerge-repo client's
-//! throttle). The load generator targets any `ws://` URL, or starts the relay or the reference
-//! Node server itself:
+//! throttle). The load generator targets any `ws://` URL, or starts the relay, the reference
+//! Node server or the samod peer (`benches/samod-peer`, samod behind axum) itself:
 //!
 //! ```text
 //! cargo bench --bench typing_storm -- --spawn-relay target/release/automerge-relay \
-//!     --spawn-reference --typists 4,16,64 --seconds 20
+//!     --spawn-reference --spawn-samod benches/samod-peer/target/release/samod-peer \
+//!     --typists 4,16,64 --seconds 20
 //! cargo bench --bench typing_storm -- --url ws://127.0.0.1:5000 --server-pid 1234 --typists 16
 //! ```
 //!
@@ -51,6 +52,7 @@ targets (at least one; each is run for every T):
   --url ws://HOST:PORT[/]   an already running server (CPU only with --server-pid)
   --spawn-relay PATH        start this automerge-relay binary on a free port, temp data dir
   --spawn-reference         start the reference Node server (tests/js/reference-server.mjs)
+  --spawn-samod PATH        start this samod-peer binary (benches/samod-peer), temp data dir
 options:
   --typists LIST            comma separated, default 4,16,64
   --seconds S               typing phase per run, default 20
@@ -77,6 +79,7 @@ enum Target {
     },
     Relay(PathBuf),
     Reference,
+    Samod(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +100,7 @@ fn parse_args() -> Result<Config, String> {
     let mut urls = Vec::new();
     let mut relay = None;
     let mut reference = false;
+    let mut samod = None;
     let mut pid = None;
     let mut label = "url".to_string();
     let mut cfg = Config {
@@ -133,6 +137,7 @@ fn parse_args() -> Result<Config, String> {
             "--url" => urls.push(value().ok_or("missing value for --url")?),
             "--spawn-relay" => relay = Some(PathBuf::from(value().ok_or("missing --spawn-relay")?)),
             "--spawn-reference" => reference = true,
+            "--spawn-samod" => samod = Some(PathBuf::from(value().ok_or("missing --spawn-samod")?)),
             "--typists" => {
                 let v = value().ok_or("missing value for --typists")?;
                 cfg.typists = v
@@ -188,8 +193,11 @@ fn parse_args() -> Result<Config, String> {
     if reference {
         cfg.targets.push(Target::Reference);
     }
+    if let Some(p) = samod {
+        cfg.targets.push(Target::Samod(p));
+    }
     if cfg.targets.is_empty() {
-        return Err("give --url, --spawn-relay or --spawn-reference".into());
+        return Err("give --url, --spawn-relay, --spawn-reference or --spawn-samod".into());
     }
     Ok(cfg)
 }
@@ -290,6 +298,14 @@ fn spawn_server(cfg: &Config, target: &Target) -> Result<Spawned, String> {
                 .arg(&data);
             c
         }
+        Target::Samod(path) => {
+            let mut c = Command::new(path);
+            c.arg("--listen")
+                .arg("127.0.0.1:0")
+                .arg("--data-dir")
+                .arg(&data);
+            c
+        }
         Target::Url { .. } => return Err("not a spawnable target".into()),
     };
     let mut child = cmd
@@ -305,7 +321,12 @@ fn spawn_server(cfg: &Config, target: &Target) -> Result<Spawned, String> {
         let mut tx = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            match line.trim().strip_prefix("listening on http://") {
+            let line = line.trim();
+            // The relay and the reference print http://, the samod peer ws://.
+            let addr = line
+                .strip_prefix("listening on http://")
+                .or_else(|| line.strip_prefix("listening on ws://"));
+            match addr {
                 Some(addr) if tx.is_some() => {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr.to_string());
@@ -1242,11 +1263,11 @@ async fn main() {
         for &t in &cfg.typists {
             let result = match target {
                 Target::Url { url, pid, label } => storm(cfg.clone(), label, url, *pid, t).await,
-                Target::Relay(_) | Target::Reference => {
-                    let name = if matches!(target, Target::Relay(_)) {
-                        "relay"
-                    } else {
-                        "reference"
+                Target::Relay(_) | Target::Reference | Target::Samod(_) => {
+                    let name = match target {
+                        Target::Relay(_) => "relay",
+                        Target::Samod(_) => "samod",
+                        _ => "reference",
                     };
                     match spawn_server(&cfg, target) {
                         Err(e) => RunResult {
