@@ -68,7 +68,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 mod support;
-use support::{auth_token, cpu_by_name, cpu_secs, http_client, stats, ws_config, Relay};
+use support::{
+    auth_token, cpu_by_name, cpu_secs, http_client, ms, small_change, stats, ws_config, Relay,
+};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -352,10 +354,6 @@ fn lat(v: &mut [f64]) -> Lat {
         max: v[v.len() - 1],
         hist,
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// CPU seconds at one instant: the relays given, this process, PostgreSQL and Redis.
@@ -1592,20 +1590,6 @@ fn history_doc(list_shaped: bool, n: usize) -> AutoCommit {
         }
     }
     doc
-}
-
-/// One small change on top of `doc` (a map put or a list insert in the middle).
-fn small_change(doc: &mut AutoCommit, i: usize) {
-    match doc.get(ROOT, "items").unwrap() {
-        Some((_, list)) => {
-            let len = doc.length(&list);
-            doc.insert(&list, len / 2, format!("new {i}")).unwrap();
-        }
-        None => {
-            doc.put(ROOT, format!("new{i}"), i as i64).unwrap();
-        }
-    }
-    doc.commit();
 }
 
 async fn upload_case(

@@ -14,7 +14,7 @@ use automerge::transaction::Transactable;
 use automerge::{AutoCommit, Automerge, Change, ObjType, ReadDoc, ROOT};
 
 mod support;
-use support::{cpu_secs, stats, Relay};
+use support::{cpu_secs, ms, small_change, stats, Relay};
 
 const HISTORY: usize = 20_000;
 const SAMPLES: usize = 200;
@@ -39,28 +39,10 @@ fn list_doc() -> AutoCommit {
     doc
 }
 
-/// One small change on top of `doc` (a map put or a list insert in the middle).
-fn small_change(doc: &mut AutoCommit, i: usize) {
-    match doc.get(ROOT, "items").unwrap() {
-        Some((_, list)) => {
-            let len = doc.length(&list);
-            doc.insert(&list, len / 2, format!("new {i}")).unwrap();
-        }
-        None => {
-            doc.put(ROOT, format!("new{i}"), i as i64).unwrap();
-        }
-    }
-    doc.commit();
-}
-
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
     let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
     samples[idx]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// (a): apply one change at a time into a server-side copy.

@@ -46,51 +46,51 @@ fn wants_json(headers: &HeaderMap) -> bool {
         == Some("application/json")
 }
 
-/// `GET /{id}` (and HEAD): the document, or `?since=` its changes; 304 on a matching ETag.
+/// `GET /{id}` (and HEAD): the document (as JSON when asked for), or `?since=` its changes;
+/// 304 on a matching ETag.
 pub async fn get_doc(
     state: &AppState,
     id: DocId,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<Response, RelayError> {
-    if wants_json(headers) {
+    let current = |etag: &str| etag_matches(headers, header::IF_NONE_MATCH, etag);
+    let json = wants_json(headers);
+    let (mut resp, etag) = if json {
         if query.contains_key("since") {
             return Err(RelayError::BadRequest(
                 "?since= returns Automerge changes; the JSON view is of the whole document".into(),
             ));
         }
-        let not_if = |etag: &str| etag_matches(headers, header::IF_NONE_MATCH, etag);
-        let (mut resp, etag) = match state.docs.read_json(&id, not_if).await? {
+        match state.docs.read_json(&id, current).await? {
             JsonRead::Missing => return Err(RelayError::NotFound),
             JsonRead::NotModified(etag) => (StatusCode::NOT_MODIFIED.into_response(), etag),
             JsonRead::Found(json, etag) => (Json(json).into_response(), etag),
-        };
-        let h = resp.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&etag) {
-            h.insert(header::ETAG, v);
         }
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert(header::VARY, HeaderValue::from_static("accept"));
-        return Ok(resp);
-    }
-    let since = query.get("since").map(|s| parse_heads(s)).transpose()?;
-    let ReadOutcome::Found { bytes, etag, .. } = state.docs.read(&id, since).await? else {
-        return Err(RelayError::NotFound);
-    };
-    let mut resp = if etag_matches(headers, header::IF_NONE_MATCH, &etag) {
-        StatusCode::NOT_MODIFIED.into_response()
     } else {
-        (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            Body::from(bytes),
-        )
-            .into_response()
+        let since = query.get("since").map(|s| parse_heads(s)).transpose()?;
+        let ReadOutcome::Found { bytes, etag, .. } = state.docs.read(&id, since).await? else {
+            return Err(RelayError::NotFound);
+        };
+        let resp = if current(&etag) {
+            StatusCode::NOT_MODIFIED.into_response()
+        } else {
+            (
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                Body::from(bytes),
+            )
+                .into_response()
+        };
+        (resp, etag)
     };
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if json {
+        h.insert(header::VARY, HeaderValue::from_static("accept"));
+    }
     Ok(resp)
 }
 

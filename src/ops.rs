@@ -134,11 +134,9 @@ pub async fn doc_info(
 ) -> Result<Response, RelayError> {
     let id = doc_id(path)?;
     caller.require(&id, Access::Admin)?;
-    let was_hot = state.docs.hint(&id).is_some();
-    let Some(mut info) = state.docs.info(&id).await? else {
+    let Some(info) = state.docs.info(&id).await? else {
         return Err(RelayError::NotFound);
     };
-    info.was_hot = was_hot;
     let mut body = doc_json(&id, &info);
     body["subscribers"] = json!(info.subscribers);
     body["repo_peers"] = json!(info.repo_peers);

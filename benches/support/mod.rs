@@ -206,3 +206,24 @@ pub async fn stats(c: &reqwest::Client, port: u16) -> serde_json::Value {
         Err(_) => serde_json::Value::Null,
     }
 }
+
+/// One small change on top of `doc` (a map put or a list insert in the middle).
+pub fn small_change(doc: &mut automerge::AutoCommit, i: usize) {
+    use automerge::transaction::Transactable;
+    use automerge::{ReadDoc, ROOT};
+    match doc.get(ROOT, "items").unwrap() {
+        Some((_, list)) => {
+            let len = doc.length(&list);
+            doc.insert(&list, len / 2, format!("new {i}")).unwrap();
+        }
+        None => {
+            doc.put(ROOT, format!("new{i}"), i as i64).unwrap();
+        }
+    }
+    doc.commit();
+}
+
+/// A duration in milliseconds.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -190,7 +190,8 @@ pub struct DocInfo {
     pub stored_bytes: u64,
     /// Changes waiting for missing dependencies.
     pub pending: usize,
-    /// It was in memory before it was asked (a listing loads the others).
+    /// It was in memory before it was asked (set by `Documents::info`; asking loads the
+    /// others).
     pub was_hot: bool,
     /// The latest time its heads carry (seconds since the epoch, as the writers' clocks
     /// said).

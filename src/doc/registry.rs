@@ -299,8 +299,8 @@ impl Documents {
         let _ = self.inner.shared.cluster.set(cluster);
     }
 
-    /// The document as JSON (`json.rs`) with its ETag, converted off the owner and the async
-    /// workers; `NotModified` when `not_if` accepts the current ETag (no conversion then).
+    /// The document as JSON (`json.rs`) with its ETag; `NotModified` when `not_if` accepts
+    /// the current ETag (no conversion then).
     pub async fn read_json(
         &self,
         id: &DocId,
@@ -312,12 +312,7 @@ impl Documents {
         if not_if(&etag) {
             return Ok(JsonRead::NotModified(etag));
         }
-        let json = tokio::task::spawn_blocking(move || {
-            automerge::Automerge::load(&bytes).map(|doc| super::json::to_json(&doc))
-        })
-        .await
-        .map_err(|e| RelayError::Internal(format!("JSON task failed: {e}")))?
-        .map_err(|e| RelayError::Internal(format!("stored document does not load: {e}")))?;
+        let json = from_save(bytes, super::json::to_json).await?;
         Ok(JsonRead::Found(json, etag))
     }
 
@@ -332,13 +327,10 @@ impl Documents {
         let ReadOutcome::Found { bytes, .. } = self.read(id, None).await? else {
             return Ok(None);
         };
-        let page = tokio::task::spawn_blocking(move || {
-            automerge::Automerge::load(&bytes)
-                .map(|doc| super::history::history(&doc, limit, before.as_ref()))
+        let page = from_save(bytes, move |doc| {
+            super::history::history(doc, limit, before.as_ref())
         })
-        .await
-        .map_err(|e| RelayError::Internal(format!("history task failed: {e}")))?
-        .map_err(|e| RelayError::Internal(format!("stored document does not load: {e}")))?;
+        .await?;
         match page {
             Some(page) => Ok(Some(page)),
             None => Err(RelayError::BadRequest(
@@ -401,9 +393,12 @@ impl Documents {
             .map_err(|e| store_error(&e))
     }
 
-    /// What the document holds; `None` when it does not exist (no applied changes).
+    /// What the document holds; `None` when it does not exist (no applied changes). Asking
+    /// loads it if it was not in memory (`was_hot` says which).
     pub async fn info(&self, id: &DocId) -> Result<Option<DocInfo>, RelayError> {
-        self.call(id, |reply| Command::Info { reply }).await
+        let was_hot = self.inner.owners.contains_key(id);
+        let info = self.call(id, |reply| Command::Info { reply }).await?;
+        Ok(info.map(|info| DocInfo { was_hot, ..info }))
     }
 
     /// Lists existing documents (paged by id), with their figures. The store lists every id
@@ -437,9 +432,7 @@ impl Documents {
                     }
                     continue;
                 }
-                let was_hot = self.inner.owners.contains_key(&id);
-                if let Some(mut info) = self.info(&id).await? {
-                    info.was_hot = was_hot;
+                if let Some(info) = self.info(&id).await? {
                     out.push((id, info));
                     if out.len() == limit {
                         return Ok(out);
@@ -504,4 +497,16 @@ impl Documents {
             .stats
             .snapshot(inner.owners.len() as u64, inner.hot_bytes())
     }
+}
+
+/// Runs `f` on the document a full save holds, loaded on a blocking thread: inspection reads
+/// work from what the owner hands out, never on the owner or the async workers.
+async fn from_save<T: Send + 'static>(
+    bytes: bytes::Bytes,
+    f: impl FnOnce(&automerge::Automerge) -> T + Send + 'static,
+) -> Result<T, RelayError> {
+    tokio::task::spawn_blocking(move || automerge::Automerge::load(&bytes).map(|doc| f(&doc)))
+        .await
+        .map_err(|e| RelayError::Internal(format!("inspection task failed: {e}")))?
+        .map_err(|e| RelayError::Internal(format!("stored document does not load: {e}")))
 }

@@ -333,7 +333,7 @@ impl Owner {
             changes: self.state.doc.stats().num_changes,
             stored_bytes: self.chunks.stored_bytes(),
             pending: self.state.stored_pending.len(),
-            was_hot: true,
+            was_hot: true, // Documents::info says whether it was before it asked
             last_change: self
                 .state
                 .doc

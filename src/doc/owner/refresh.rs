@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 
+use automerge::ReadDoc;
+
 use super::Owner;
 use crate::doc::api::{Precondition, Source, WriteJob};
 use crate::doc::chunks::ChunkSize;
@@ -63,11 +65,14 @@ impl Owner {
             .filter(|(c, _)| !known.contains(&c.key))
             .map(|(c, size)| (c.key.clone(), *size))
             .collect();
-        // Changes still waiting for dependencies in the store wait here too.
+        // Changes still waiting for dependencies in the store wait here too. The delta holds
+        // every applied one, so the new chunks are sent along only when some wait (else a
+        // snapshot another node wrote would be parsed a second time for nothing).
+        let some_wait = !loaded.doc.get_missing_deps(&[]).is_empty();
         let waiting: Vec<u8> = loaded
             .chunks
             .iter()
-            .filter(|c| !known.contains(&c.key))
+            .filter(|c| some_wait && !known.contains(&c.key))
             .flat_map(|c| c.bytes.iter().copied())
             .collect();
         let parsed = tokio::task::spawn_blocking(move || {
