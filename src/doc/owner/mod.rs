@@ -1,8 +1,9 @@
 //! The document owner's task: the only code that touches a document's `Automerge` value.
 //!
 //! The owner drains every command waiting in its queue and runs them as one turn: the pure
-//! merge (`merge.rs`) on a blocking thread with the document moved in and out, so a large
-//! document never stalls the async workers; then **one** durable append (group commit) that
+//! merge (`merge.rs`), on a blocking thread with the document moved in and out, so a large
+//! document never stalls the async workers, or on this task when the turn is known to be
+//! cheap (`placement.rs`); then **one** durable append (group commit) that
 //! overlaps the next turn's merge (`turn.rs`); only then the replies, one push to every
 //! subscriber and the repo peers' sync messages. This file is the loop and the document's
 //! lifecycle: load, going back to the durable state after a failed write (`durable.rs`),
@@ -40,7 +41,10 @@ use crate::id::DocId;
 use crate::storage::{ChunkKey, ChunkKind, StoreError, StoredChunk};
 use crate::upload::Hint;
 
+mod placement;
 mod refresh;
+
+use placement::{Placement, TurnCosts};
 
 /// Most commands one turn of the owner takes from its queue.
 const MAX_BATCH: usize = 512;
@@ -97,6 +101,8 @@ pub(super) struct Owner {
     /// Shared with the registry: memory estimate, last use, pinned, for the evictor.
     gauge: Arc<Gauge>,
     evict_requested: bool,
+    /// What this document's last turns took: where the next one's merge runs.
+    costs: TurnCosts,
 }
 
 impl Owner {
@@ -130,6 +136,7 @@ impl Owner {
             repo_flush_at: None,
             gauge,
             evict_requested: false,
+            costs: TurnCosts::default(),
         }
     }
 
@@ -297,6 +304,7 @@ impl Owner {
 
     /// Makes a document read from the store the current and durable state.
     fn install(&mut self, loaded: Loaded) {
+        self.costs.reset();
         self.chunks.clear();
         for (c, size) in loaded.chunks.iter().zip(&loaded.sizes) {
             self.chunks.add(c.key.clone(), *size);
@@ -570,23 +578,50 @@ impl Owner {
                 _ => None,
             })
             .collect();
-        let mut state = mem::take(&mut self.state);
-        let id = self.id.clone();
-        let started = std::time::Instant::now();
-        let merging = tokio::task::spawn_blocking(move || {
-            let effects = merge(&id, &mut state, work, &rules, std::time::Instant::now());
-            (state, effects)
-        });
-        // While this turn merges, finish the previous one (its write overlaps this merge).
+        let placement = self.costs.place(&work, &rules, &self.state.peers);
+        let had_jobs = !work.jobs.is_empty();
         let mut failure = None;
-        if let Some(mut prev) = self.in_flight.take() {
-            let result = prev.persisted().await;
-            failure = self.complete(prev, result).err();
-        }
-        let (state, mut effects) = match merging.await {
+        let merged = match placement {
+            Placement::Inline => {
+                let state = &mut self.state;
+                let id = &self.id;
+                // A panic leaves the state half-merged: it is dropped and reloaded below, as
+                // when a blocking merge task panics.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let started = std::time::Instant::now();
+                    let effects = merge(id, state, work, &rules, started);
+                    (effects, started.elapsed())
+                }))
+                .map_err(|_| "panicked".to_string())
+            }
+            Placement::Blocking => {
+                let mut state = mem::take(&mut self.state);
+                let id = self.id.clone();
+                let merging = tokio::task::spawn_blocking(move || {
+                    let started = std::time::Instant::now();
+                    let effects = merge(&id, &mut state, work, &rules, started);
+                    (state, effects, started.elapsed())
+                });
+                // While this turn merges, finish the previous one (its write overlaps this
+                // merge).
+                self.finish_in_flight(&mut failure).await;
+                merging
+                    .await
+                    .map(|(state, effects, took)| {
+                        self.state = state;
+                        (effects, took)
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        };
+        // Inline, the previous turn's write overlapped the merge all the same (it runs on
+        // its own task).
+        self.finish_in_flight(&mut failure).await;
+        let (mut effects, took) = match merged {
             Ok(v) => v,
             Err(e) => {
-                // The document went with the panicked task: reload it from the store.
+                // The document went with the panicked merge: reload it from the store.
+                self.state = DocState::default();
                 let err = RelayError::Internal(format!("merge task failed: {e}"));
                 tracing::error!(doc = %self.id, error = %err, "merge failed; reloading");
                 replies.fail(&err);
@@ -594,7 +629,6 @@ impl Owner {
                 return;
             }
         };
-        self.state = state;
         for (i, key, len) in published {
             let merged = effects.results.get(i).is_some_and(|r| r.is_ok());
             if merged {
@@ -616,8 +650,9 @@ impl Owner {
             Box::pin(self.recover(Failed { err, retry: rest })).await;
             return;
         }
+        self.costs.record(had_jobs, took);
         let accepted = effects.results.iter().filter(|r| r.is_ok()).count();
-        self.shared.stats.batch(accepted, started.elapsed());
+        self.shared.stats.batch(accepted, took);
         if effects.push.is_some() {
             self.publish(false);
         }
@@ -656,6 +691,17 @@ impl Owner {
         } else if let Err(failed) = self.complete(turn, Ok(None)) {
             // Nothing to write cannot fail; kept for completeness.
             Box::pin(self.recover(failed)).await;
+        }
+    }
+
+    /// Finishes the turn in flight, if any; a failed write is left in `failure` for the
+    /// caller, whose own turn was merged on top of it.
+    async fn finish_in_flight(&mut self, failure: &mut Option<Failed>) {
+        if let Some(mut prev) = self.in_flight.take() {
+            let result = prev.persisted().await;
+            if let Err(failed) = self.complete(prev, result) {
+                *failure = Some(failed);
+            }
         }
     }
 
