@@ -77,13 +77,6 @@ mod tests {
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ROOT};
 
-    /// A small save that inflates to `decoded` bytes.
-    fn compressible(decoded: usize) -> Vec<u8> {
-        let mut doc = AutoCommit::new();
-        doc.put(ROOT, "zeros", "\0".repeat(decoded)).unwrap();
-        doc.save()
-    }
-
     #[test]
     fn a_keystroke_is_measured_here() {
         let mut doc = AutoCommit::new();
@@ -96,14 +89,14 @@ mod tests {
     #[test]
     fn large_bodies_and_small_ones_that_inflate_are_measured_off_the_task() {
         assert!(inline_size(&vec![0u8; INLINE_BYTES + 1], 16 << 20).is_none());
-        let save = compressible(1 << 20);
+        let save = crate::upload::bomb(1 << 20);
         assert!(save.len() <= INLINE_BYTES, "{} bytes", save.len());
         assert!(inline_size(&save, 16 << 20).is_none());
     }
 
     #[test]
     fn a_limit_below_the_inline_bound_is_final_here() {
-        let save = compressible(1 << 20);
+        let save = crate::upload::bomb(1 << 20);
         assert!(matches!(
             inline_size(&save, 1024),
             Some(Err(RelayError::DecodedTooLarge { limit: 1024 }))

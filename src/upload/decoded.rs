@@ -174,18 +174,22 @@ fn inflated_len(data: &[u8], budget: u64) -> Result<u64, Excess> {
     }
 }
 
+/// A small save of a large, very compressible document (for the tests of everything that
+/// measures uploads).
+#[cfg(test)]
+pub fn bomb(decoded: usize) -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, "zeros", "\0".repeat(decoded))
+        .expect("a test document");
+    doc.save()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ROOT};
-
-    /// A small save of a large, very compressible document.
-    fn bomb(decoded: usize) -> Vec<u8> {
-        let mut doc = AutoCommit::new();
-        doc.put(ROOT, "zeros", "\0".repeat(decoded)).unwrap();
-        doc.save()
-    }
 
     #[test]
     fn a_compressed_save_counts_what_it_inflates_to() {

@@ -18,6 +18,8 @@ use crate::error::RelayError;
 mod decoded;
 mod gate;
 
+#[cfg(test)]
+pub use decoded::bomb;
 pub use decoded::decoded_size;
 pub use gate::UploadGate;
 

@@ -588,9 +588,7 @@ impl Owner {
                 // A panic leaves the state half-merged: it is dropped and reloaded below, as
                 // when a blocking merge task panics.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let started = std::time::Instant::now();
-                    let effects = merge(id, state, work, &rules, started);
-                    (effects, started.elapsed())
+                    timed_merge(id, state, work, &rules)
                 }))
                 .map_err(|_| "panicked".to_string())
             }
@@ -598,13 +596,12 @@ impl Owner {
                 let mut state = mem::take(&mut self.state);
                 let id = self.id.clone();
                 let merging = tokio::task::spawn_blocking(move || {
-                    let started = std::time::Instant::now();
-                    let effects = merge(&id, &mut state, work, &rules, started);
-                    (state, effects, started.elapsed())
+                    let (effects, took) = timed_merge(&id, &mut state, work, &rules);
+                    (state, effects, took)
                 });
                 // While this turn merges, finish the previous one (its write overlaps this
                 // merge).
-                self.finish_in_flight(&mut failure).await;
+                failure = self.finish_in_flight().await;
                 merging
                     .await
                     .map(|(state, effects, took)| {
@@ -616,7 +613,8 @@ impl Owner {
         };
         // Inline, the previous turn's write overlapped the merge all the same (it runs on
         // its own task).
-        self.finish_in_flight(&mut failure).await;
+        let finished_now = self.finish_in_flight().await;
+        let failure = failure.or(finished_now);
         let (mut effects, took) = match merged {
             Ok(v) => v,
             Err(e) => {
@@ -694,24 +692,18 @@ impl Owner {
         }
     }
 
-    /// Finishes the turn in flight, if any; a failed write is left in `failure` for the
-    /// caller, whose own turn was merged on top of it.
-    async fn finish_in_flight(&mut self, failure: &mut Option<Failed>) {
-        if let Some(mut prev) = self.in_flight.take() {
-            let result = prev.persisted().await;
-            if let Err(failed) = self.complete(prev, result) {
-                *failure = Some(failed);
-            }
-        }
+    /// Finishes the turn in flight, if any; a failed write is returned to the caller (whose
+    /// own turn, if any, was merged on top of it).
+    async fn finish_in_flight(&mut self) -> Option<Failed> {
+        let mut prev = self.in_flight.take()?;
+        let result = prev.persisted().await;
+        self.complete(prev, result).err()
     }
 
     /// Waits for the turn in flight, if any, and finishes it.
     async fn drain(&mut self) {
-        if let Some(mut turn) = self.in_flight.take() {
-            let result = turn.persisted().await;
-            if let Err(failed) = self.complete(turn, result) {
-                Box::pin(self.recover(failed)).await;
-            }
+        if let Some(failed) = self.finish_in_flight().await {
+            Box::pin(self.recover(failed)).await;
         }
     }
 
@@ -959,6 +951,18 @@ fn waiting_changes(doc: &Automerge, chunks: &[StoredChunk]) -> HashSet<ChangeHas
 }
 
 /// The running compaction's result; never resolves when there is none.
+/// One merge and what it took (what `placement.rs` learns from).
+fn timed_merge(
+    id: &DocId,
+    state: &mut DocState,
+    work: Work,
+    rules: &Rules,
+) -> (super::merge::Effects, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let effects = merge(id, state, work, rules, started);
+    (effects, started.elapsed())
+}
+
 async fn wait_compaction(compaction: &mut Option<Compaction>) -> CompactionResult {
     match compaction {
         Some(handle) => handle.await,
