@@ -124,4 +124,9 @@ mod tests {
     async fn follows_the_store_contract() {
         super::super::contract::append_load_compact_delete(&super::MemoryStore::new()).await;
     }
+
+    #[tokio::test]
+    async fn lists_in_id_order() {
+        super::super::contract::lists_in_id_order(&super::MemoryStore::new()).await;
+    }
 }

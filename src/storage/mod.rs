@@ -160,7 +160,8 @@ pub trait Store: Send + Sync + 'static {
     /// Durably deletes every chunk of `doc`.
     fn delete(&self, doc: &DocId) -> StoreFuture<'_, ()>;
 
-    /// Ids of stored documents, in key order, starting after `after`, at most `limit`.
+    /// Ids of stored documents in id order (byte order of the id), the first `limit` after
+    /// `after`. Every backend orders alike, so a listing's `next` works on any of them.
     fn list(&self, after: Option<&DocId>, limit: usize) -> StoreFuture<'_, Vec<DocId>>;
 
     /// Flushes everything written so far (used at shutdown).
@@ -225,5 +226,43 @@ pub(crate) mod contract {
         assert!(store.load(&doc).await.unwrap().is_empty());
         assert_eq!(store.load(&other).await.unwrap().len(), 1);
         store.flush().await.unwrap();
+    }
+
+    /// Listing pages in id order even where one id extends another with `-` or `.` (which
+    /// sort before `/`, the byte that ends an id in sled's keys), whatever the page size.
+    pub async fn lists_in_id_order(store: &dyn Store) {
+        let names: Vec<&str> = "q p-000-new p-000 p p-000.x p-0001 p0 p-000-new-2 p.a p- p-000- o~"
+            .split(' ')
+            .collect();
+        for &n in &names {
+            store
+                .append(&DocId::parse(n).unwrap(), n.as_bytes().to_vec())
+                .await
+                .unwrap();
+        }
+        let mut want = names.clone();
+        want.sort();
+        for limit in 1..=names.len() + 1 {
+            let mut got: Vec<String> = Vec::new();
+            let mut after: Option<DocId> = None;
+            loop {
+                let page = store.list(after.as_ref(), limit).await.unwrap();
+                assert!(page.len() <= limit);
+                got.extend(page.iter().map(|d| d.to_string()));
+                if page.len() < limit {
+                    break;
+                }
+                after = page.last().cloned();
+                assert!(got.len() <= names.len(), "limit {limit}: {got:?}");
+            }
+            assert_eq!(got, want, "limit {limit}");
+        }
+        // A cursor that is no stored id still starts right after it.
+        let from = store
+            .list(Some(&DocId::parse("p-00").unwrap()), 3)
+            .await
+            .unwrap();
+        let from: Vec<String> = from.iter().map(|d| d.to_string()).collect();
+        assert_eq!(from, ["p-000", "p-000-", "p-000-new"]);
     }
 }

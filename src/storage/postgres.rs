@@ -452,6 +452,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn lists_in_id_order() {
+        let (scratch, url) = Scratch::create("order").await;
+        let store = PostgresStore::connect(&url, PgSettings::default())
+            .await
+            .unwrap();
+        super::super::contract::lists_in_id_order(&store).await;
+        drop(store);
+        scratch.drop_db().await;
+    }
+
+    #[tokio::test]
     async fn schema_is_created_once_by_nodes_starting_together_and_survives_a_restart() {
         let (scratch, url) = Scratch::create("schema").await;
         let starts = (0..4).map(|_| PostgresStore::connect(&url, PgSettings::default()));
