@@ -330,7 +330,13 @@ fn account(
 ) -> Account {
     let doc = &state.doc;
     let heads = doc.get_heads();
-    let etag = etag_for(&heads);
+    // A turn of acknowledgements only (most turns in a typing storm) has no writer to tell:
+    // the ETag, a SHA-256 and a format, was 1.8% of the relay's CPU there when computed anyway.
+    let etag = if jobs.is_empty() {
+        String::new()
+    } else {
+        etag_for(&heads)
+    };
     let mut credited: HashSet<ChangeHash> = HashSet::new();
     let mut origins: HashSet<Option<ConnId>> = HashSet::new();
     let mut persist_pending: Vec<u8> = Vec::new();

@@ -137,7 +137,12 @@ impl Turn {
             exists,
             ..
         } = self;
-        let etag = etag_for(&heads);
+        // Only readers are given it here (writers' outcomes carry their own).
+        let etag = if replies.reads.is_empty() {
+            String::new()
+        } else {
+            etag_for(&heads)
+        };
         for (reply, result) in replies.writes.into_iter().zip(effects.results) {
             if let Some(reply) = reply {
                 let _ = reply.send(result);
