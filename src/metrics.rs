@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const BATCH_WRITES: &str = "relay_batch_writes";
 pub const APPLY_SECONDS: &str = "relay_apply_seconds";
 pub const PERSIST_SECONDS: &str = "relay_persist_seconds";
+pub const OWNER_TURNS: &str = "relay_owner_turns_total";
 pub const LOADED: &str = "relay_documents_loaded_total";
 pub const EVICTED: &str = "relay_documents_evicted_total";
 pub const COMPACTIONS: &str = "relay_compactions_total";

@@ -248,6 +248,13 @@ async fn prometheus_metrics_cover_batches_storage_and_rejections() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+    // The write took at least one owner turn (the junk was refused before the owner).
+    let turns: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("relay_owner_turns_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no relay_owner_turns_total in:\n{text}"));
+    assert!(turns >= 1, "{turns}");
 }
 
 #[tokio::test]

@@ -546,6 +546,7 @@ impl Owner {
     /// Merges one turn, starts its durable write and leaves it in flight (finishing the
     /// previous turn while the merge runs).
     async fn run_turn(&mut self, mut work: Work, replies: Replies) {
+        metrics::counter!(crate::metrics::OWNER_TURNS).increment(1);
         let config = &self.shared.config;
         work.need_full =
             replies.reads.iter().any(|r| r.since.is_none()) || !replies.subscribes.is_empty();
