@@ -75,6 +75,13 @@ impl Owner {
             .filter(|c| some_wait && !known.contains(&c.key))
             .flat_map(|c| c.bytes.iter().copied())
             .collect();
+        if delta.is_empty() && waiting.is_empty() {
+            // The store holds nothing this node lacks (another node's snapshot of changes
+            // held here, say): only the chunk keys are new. Parsing nothing would fail and
+            // reload the document for nothing.
+            self.recount(&stored, sizes);
+            return;
+        }
         let parsed = tokio::task::spawn_blocking(move || {
             let mut bytes = delta;
             bytes.extend_from_slice(&waiting);
@@ -111,7 +118,12 @@ impl Owner {
         if self.stale || self.load_error.is_some() {
             return; // went back (or reloaded): the chunks were recounted
         }
-        self.chunks.keep_only(&stored);
+        self.recount(&stored, sizes);
+    }
+
+    /// The chunks known here become the store's: `stored`, the new ones with their sizes.
+    fn recount(&mut self, stored: &HashSet<ChunkKey>, sizes: Vec<(ChunkKey, ChunkSize)>) {
+        self.chunks.keep_only(stored);
         for (key, size) in sizes {
             if !self.chunks.contains(&key) {
                 self.chunks.add(key, size);
