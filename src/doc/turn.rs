@@ -15,7 +15,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::api::{ReadOutcome, Reply, SubscribeRequest, Subscription, WriteOutcome};
-use super::etag::etag_for;
 use super::listeners::Subscriber;
 use super::merge::{Effects, Work};
 use super::shared::store_error;
@@ -137,12 +136,7 @@ impl Turn {
             exists,
             ..
         } = self;
-        // Only readers are given it here (writers' outcomes carry their own).
-        let etag = if replies.reads.is_empty() {
-            String::new()
-        } else {
-            etag_for(&heads)
-        };
+        let etag = &effects.etag;
         for (reply, result) in replies.writes.into_iter().zip(effects.results) {
             if let Some(reply) = reply {
                 let _ = reply.send(result);

@@ -474,14 +474,7 @@ mod tests {
     async fn follows_the_store_contract() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open_with_cache(dir.path(), 16 << 20).unwrap();
-        super::super::contract::append_load_compact_delete(&store).await;
-    }
-
-    #[tokio::test]
-    async fn lists_in_id_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open_with_cache(dir.path(), 16 << 20).unwrap();
-        super::super::contract::lists_in_id_order(&store).await;
+        super::super::contract::all(&store).await;
     }
 
     #[tokio::test]
