@@ -10,6 +10,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, Automerge, ChangeHash, ReadDoc, ROOT};
 
+use super::observer::Observer;
 use super::{DocConfig, DocEvent, Documents, PeerLink, Precondition, ReadOutcome};
 use crate::error::RelayError;
 use crate::id::DocId;
@@ -63,6 +64,17 @@ async fn served(docs: &Documents) -> (Automerge, Vec<ChangeHash>) {
         ReadOutcome::Found { bytes, heads, .. } => (Automerge::load(&bytes).unwrap(), heads),
         ReadOutcome::Missing => panic!("the document is missing"),
     }
+}
+
+/// What the observer (the webhook, in the server) was told.
+#[derive(Default)]
+struct Told(std::sync::Mutex<Vec<(Vec<ChangeHash>, usize)>>);
+
+impl Observer for Told {
+    fn changed(&self, _id: &DocId, heads: &[ChangeHash], applied: usize) {
+        self.0.lock().unwrap().push((heads.to_vec(), applied));
+    }
+    fn deleted(&self, _id: &DocId) {}
 }
 
 fn has(doc: &Automerge, key: &str) -> bool {
@@ -125,7 +137,8 @@ async fn a_failed_persist_keeps_the_durable_state_and_pushes_nothing() {
         t.elapsed()
     );
     assert!(served(&docs).await.1 == durable_heads);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Nothing is queued for the failed turns; that nothing comes later either is checked
+    // below: the first event after recovery is the retried batch.
     assert!(
         sub.events.try_recv().is_err(),
         "nothing pushed for the failed turns"
@@ -177,6 +190,9 @@ async fn a_wedged_write_fails_the_turn_merged_on_top_and_the_late_write_is_picke
     let mut writer = AutoCommit::new();
     write(&docs, edit(&mut writer, "a")).await.unwrap();
     let durable_heads = served(&docs).await.1;
+    let mut sub = docs.subscribe(&id(), 1, 16).await.unwrap();
+    let told = Arc::new(Told::default());
+    docs.observe(told.clone());
 
     switch.set(Fault::Hang);
     let mut x_writer = writer.fork();
@@ -185,8 +201,8 @@ async fn a_wedged_write_fails_the_turn_merged_on_top_and_the_late_write_is_picke
         let docs = docs.clone();
         async move { write(&docs, x).await }
     });
-    // Let its persist start (and hang), then merge another write on top of it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Once its persist hangs, merge another write on top of it.
+    until("the persist to hang", || switch.hung_appends() > 0).await;
     let mut y_writer = writer.fork();
     let second = write(&docs, edit(&mut y_writer, "y")).await;
     let first = first.await.unwrap();
@@ -207,9 +223,34 @@ async fn a_wedged_write_fails_the_turn_merged_on_top_and_the_late_write_is_picke
     until_healthy(&docs).await;
     assert!(has(&stored(&memory).await, "x"), "the hung write landed");
     write(&docs, edit(&mut writer, "z")).await.unwrap();
-    let (doc, _) = served(&docs).await;
+    let (doc, heads) = served(&docs).await;
     assert!(has(&doc, "a") && has(&doc, "x") && has(&doc, "z"));
     assert!(!has(&doc, "y"), "y was never stored");
+
+    // The subscriber was pushed x when the reload found it, not only z: what it was sent
+    // adds up to the document served.
+    let (initial, _) = sub.initial.take().expect("the document existed");
+    let mut seen = Automerge::load(&initial).unwrap();
+    while seen.get_heads() != heads {
+        match tokio::time::timeout(Duration::from_secs(5), sub.events.recv()).await {
+            Ok(Some(DocEvent::Changes(batch))) => {
+                seen.load_incremental(&batch.bytes).unwrap();
+            }
+            other => panic!(
+                "the subscriber stopped at {:?} (x: {}), got {other:?}",
+                seen.get_heads(),
+                has(&seen, "x")
+            ),
+        }
+    }
+    assert!(seen.get_missing_deps(&[]).is_empty());
+    // And the observer was told of x on its own, then of z.
+    let told = told.0.lock().unwrap().clone();
+    assert_eq!(
+        told,
+        vec![(x_writer.get_heads(), 1), (heads.clone(), 1)],
+        "x when reloaded, then z"
+    );
 }
 
 #[tokio::test]

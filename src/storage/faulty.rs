@@ -8,7 +8,7 @@
 //! are the ones a full or wedged disk shows to writes.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +72,8 @@ impl Fault {
 pub struct FaultSwitch {
     mode: AtomicU8,
     file: Option<PathBuf>,
+    /// Appends that have started waiting out a hang (so a test knows one is in flight).
+    hung_appends: AtomicUsize,
 }
 
 impl FaultSwitch {
@@ -81,6 +83,7 @@ impl FaultSwitch {
         Arc::new(Self {
             mode: AtomicU8::new(Fault::None.code()),
             file: None,
+            hung_appends: AtomicUsize::new(0),
         })
     }
 
@@ -89,12 +92,19 @@ impl FaultSwitch {
         Arc::new(Self {
             mode: AtomicU8::new(Fault::None.code()),
             file: Some(file),
+            hung_appends: AtomicUsize::new(0),
         })
     }
 
     #[cfg(test)]
     pub fn set(&self, fault: Fault) {
         self.mode.store(fault.code(), Ordering::Release);
+    }
+
+    /// How many appends have started waiting out a hang.
+    #[cfg(test)]
+    pub fn hung_appends(&self) -> usize {
+        self.hung_appends.load(Ordering::Acquire)
     }
 
     pub fn current(&self) -> Fault {
@@ -113,10 +123,17 @@ impl FaultSwitch {
 
     /// Waits out `hang`, then says whether the write must fail.
     async fn before_write(&self, op: &str) -> Result<(), StoreError> {
+        let mut hanging = false;
         loop {
             match self.current() {
                 Fault::None | Fault::DiskFull => return Ok(()),
-                Fault::Hang => tokio::time::sleep(HANG_POLL).await,
+                Fault::Hang => {
+                    if !hanging && op == "append" {
+                        self.hung_appends.fetch_add(1, Ordering::AcqRel);
+                    }
+                    hanging = true;
+                    tokio::time::sleep(HANG_POLL).await
+                }
                 Fault::Fail => {
                     return Err(StoreError::failed(format!(
                         "{op}: injected fault: input/output error"

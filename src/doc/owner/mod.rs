@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::api::{
-    Command, DocEvent, DocInfo, Precondition, RepoSync, Source, WriteJob, WriteRequest,
+    Command, DocEvent, DocInfo, Precondition, PushBatch, RepoSync, Source, WriteJob, WriteRequest,
 };
 use super::chunks::{ChunkSize, Chunks};
 use super::durable::{self, Durable};
@@ -472,10 +472,41 @@ impl Owner {
             self.finish_compaction(result);
         }
         let loaded = self.read_store().await?;
+        let served = mem::take(&mut self.durable.heads);
         self.install(loaded);
+        self.tell_reloaded(&served);
         self.reset_repo_states();
         tracing::info!(doc = %self.id, "reloaded from the store after a failed write");
         Ok(())
+    }
+
+    /// After a reload, subscribers and the observer hear of what the store held beyond
+    /// `served` (the durable heads they were told of): a write given up on as failed that
+    /// landed after all. Nothing is said when `served` is not all in the store's document (a
+    /// delete elsewhere says that itself).
+    fn tell_reloaded(&mut self, served: &[ChangeHash]) {
+        let heads = self.state.doc.get_heads();
+        let kept = served
+            .iter()
+            .all(|h| self.state.doc.get_change_meta_by_hash(h).is_some());
+        if !self.state.exists || heads == served || !kept {
+            return;
+        }
+        let applied = self.state.doc.get_changes(served).len();
+        tracing::info!(doc = %self.id, applied, "the store held changes given up on; pushing them");
+        if let Some(observer) = self.shared.observer() {
+            observer.changed(&self.id, &heads, applied);
+        }
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let batch = PushBatch {
+            bytes: self.state.doc.save_after(served).into(),
+            heads,
+            sole_origin: None,
+        };
+        self.subscribers
+            .push(DocEvent::Changes(Arc::new(batch)), &self.shared.stats);
     }
 
     /// Whether the store would take this write now (asked before merging it, so a refused
@@ -759,7 +790,11 @@ impl Owner {
         self.state.stored_pending.clear();
         self.state.cached_save = None;
         self.snapshot_pending = false;
+        let served = self.durable.heads.clone();
         self.load().await;
+        if self.load_error.is_none() {
+            self.tell_reloaded(&served);
+        }
         self.reset_repo_states();
     }
 
