@@ -6,8 +6,9 @@
 //! cheap (`placement.rs`); then **one** durable append (group commit) that
 //! overlaps the next turn's merge (`turn.rs`); only then the replies, one push to every
 //! subscriber and the repo peers' sync messages. This file is the loop and the document's
-//! lifecycle: load, going back to the durable state after a failed write (`durable.rs`),
-//! delete, compaction, eviction and retirement.
+//! lifecycle: turns, delete, compaction, eviction and retirement; `load.rs` reads the document
+//! from the store, `recovery.rs` goes back to the durable state after a failed write
+//! (`durable.rs`), `refresh.rs` catches up with what other nodes stored.
 //!
 //! Storage faults: before merging, every write asks the store whether it would be taken
 //! (`Store::admit`: the disk watermark and the store's health), so while the store refuses
@@ -18,18 +19,16 @@
 use std::mem;
 use std::sync::Arc;
 
-use std::collections::HashSet;
-
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ReadDoc};
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::api::{
-    Command, DocEvent, DocInfo, Precondition, PushBatch, RepoSync, Source, WriteJob, WriteRequest,
+    Command, DocEvent, DocInfo, Precondition, RepoSync, Source, WriteJob, WriteRequest,
 };
 use super::chunks::{ChunkSize, Chunks};
-use super::durable::{self, Durable};
+use super::durable::Durable;
 use super::evictor::Gauge;
 use super::exchange::RepoIn;
 use super::listeners::{RepoLinks, Subscribers};
@@ -38,13 +37,16 @@ use super::shared::{store_error, Registrar, Shared};
 use super::turn::{PendingRead, Persisted, Replies, Turn};
 use crate::error::RelayError;
 use crate::id::DocId;
-use crate::storage::{ChunkKey, ChunkKind, StoreError, StoredChunk};
+use crate::storage::{ChunkKey, ChunkKind, StoreError};
 use crate::upload::Hint;
 
+mod load;
 mod placement;
+mod recovery;
 mod refresh;
 
 use placement::{Placement, TurnCosts};
+use recovery::Failed;
 
 /// Most commands one turn of the owner takes from its queue.
 const MAX_BATCH: usize = 512;
@@ -58,20 +60,6 @@ struct Compacted {
 
 type Compaction = JoinHandle<Result<Compacted, StoreError>>;
 type CompactionResult = Result<Result<Compacted, StoreError>, tokio::task::JoinError>;
-
-/// A turn whose write failed: the error its writes got, and its reads and subscriptions, to
-/// be answered again from the durable state.
-struct Failed {
-    err: RelayError,
-    retry: Replies,
-}
-
-/// A document read from the store, with its chunks' sizes (in the same order).
-struct Loaded {
-    doc: Automerge,
-    chunks: Vec<StoredChunk>,
-    sizes: Vec<ChunkSize>,
-}
 
 pub(super) struct Owner {
     id: DocId,
@@ -258,82 +246,6 @@ impl Owner {
         }
     }
 
-    async fn load(&mut self) {
-        match self.read_store().await {
-            Ok(loaded) => self.install(loaded),
-            Err(e) => {
-                tracing::error!(doc = %self.id, error = %e, "cannot load document");
-                self.load_error = Some(e);
-            }
-        }
-    }
-
-    /// Reads the document from the store, touching nothing of the owner's state.
-    async fn read_store(&self) -> Result<Loaded, RelayError> {
-        let chunks = self
-            .shared
-            .store
-            .load(&self.id)
-            .await
-            // A read the store cannot answer is unavailable, whatever the cause (507 is for
-            // writes).
-            .map_err(|e| RelayError::StorageUnavailable(e.message))?;
-        let all: Vec<u8> = chunks
-            .iter()
-            .flat_map(|c| c.bytes.iter().copied())
-            .collect();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let mut doc = Automerge::new();
-            // Measured here, off the async workers: a snapshot's decoded size inflates its
-            // columns (the memory estimate counts it, `chunks.rs`).
-            let sizes: Vec<ChunkSize> = chunks
-                .iter()
-                .map(|c| ChunkSize::measure(c.key.kind, &c.bytes))
-                .collect();
-            doc.load_incremental(&all).map(|_| (doc, chunks, sizes))
-        })
-        .await;
-        match loaded {
-            Ok(Ok((doc, chunks, sizes))) => Ok(Loaded { doc, chunks, sizes }),
-            Ok(Err(e)) => Err(RelayError::Storage(format!(
-                "stored document is unreadable: {e}"
-            ))),
-            Err(e) => Err(RelayError::Internal(format!("load task failed: {e}"))),
-        }
-    }
-
-    /// Makes a document read from the store the current and durable state.
-    fn install(&mut self, loaded: Loaded) {
-        self.costs.reset();
-        self.chunks.clear();
-        for (c, size) in loaded.chunks.iter().zip(&loaded.sizes) {
-            self.chunks.add(c.key.clone(), *size);
-        }
-        self.chunks
-            .set_loaded_changes(loaded.doc.stats().num_changes);
-        // Only applied changes make a document (stored changes may all still be waiting).
-        self.state.exists = !loaded.doc.get_heads().is_empty();
-        // Stored changes still waiting for dependencies count against --max-pending-changes
-        // after a reload too (only looked for when automerge says some wait).
-        self.state.stored_pending = if loaded.doc.get_missing_deps(&[]).is_empty() {
-            HashSet::new()
-        } else {
-            waiting_changes(&loaded.doc, &loaded.chunks)
-        };
-        self.state.doc = loaded.doc;
-        self.state.cached_save = None;
-        self.durable = Durable {
-            heads: self.state.doc.get_heads(),
-            exists: self.state.exists,
-        };
-        self.load_error = None;
-        self.stale = false;
-        self.publish(true);
-        if self.state.exists {
-            self.shared.stats.loaded();
-        }
-    }
-
     /// `None` when the document has no applied changes (it does not exist).
     fn info(&self) -> Option<DocInfo> {
         self.state.exists.then(|| DocInfo {
@@ -451,62 +363,6 @@ impl Owner {
         {
             self.run_turn(work, replies).await;
         }
-    }
-
-    /// Before a batch with writes: a document that went back to its durable state in memory
-    /// is read again from the store, once the store takes writes. `Err` refuses the batch's
-    /// writes (the document stays as it is; reads are served from it).
-    async fn prepare_writes(&mut self, cmds: &[Command]) -> Result<(), RelayError> {
-        let writes = cmds.iter().any(|c| match c {
-            Command::Write(_) => true,
-            Command::RepoSync(s) => s.upload.is_some(),
-            _ => false,
-        });
-        if !self.stale || !writes {
-            return Ok(());
-        }
-        self.shared.store.admit(0).map_err(|e| store_error(&e))?;
-        self.drain().await;
-        if let Some(c) = self.compaction.take() {
-            let result = c.await;
-            self.finish_compaction(result);
-        }
-        let loaded = self.read_store().await?;
-        let served = mem::take(&mut self.durable.heads);
-        self.install(loaded);
-        self.tell_reloaded(&served);
-        self.reset_repo_states();
-        tracing::info!(doc = %self.id, "reloaded from the store after a failed write");
-        Ok(())
-    }
-
-    /// After a reload, subscribers and the observer hear of what the store held beyond
-    /// `served` (the durable heads they were told of): a write given up on as failed that
-    /// landed after all. Nothing is said when `served` is not all in the store's document (a
-    /// delete elsewhere says that itself).
-    fn tell_reloaded(&mut self, served: &[ChangeHash]) {
-        let heads = self.state.doc.get_heads();
-        let kept = served
-            .iter()
-            .all(|h| self.state.doc.get_change_meta_by_hash(h).is_some());
-        if !self.state.exists || heads == served || !kept {
-            return;
-        }
-        let applied = self.state.doc.get_changes(served).len();
-        tracing::info!(doc = %self.id, applied, "the store held changes given up on; pushing them");
-        if let Some(observer) = self.shared.observer() {
-            observer.changed(&self.id, &heads, applied);
-        }
-        if self.subscribers.is_empty() {
-            return;
-        }
-        let batch = PushBatch {
-            bytes: self.state.doc.save_after(served).into(),
-            heads,
-            sole_origin: None,
-        };
-        self.subscribers
-            .push(DocEvent::Changes(Arc::new(batch)), &self.shared.stats);
     }
 
     /// Whether the store would take this write now (asked before merging it, so a refused
@@ -739,71 +595,6 @@ impl Owner {
         }
     }
 
-    /// After a failed write: back to the durable state, then the failed turns' reads and
-    /// subscriptions are answered from it.
-    async fn recover(&mut self, failed: Failed) {
-        self.roll_back().await;
-        let Failed { err, retry } = failed;
-        if retry.is_empty() || self.load_error.is_some() {
-            retry.fail(self.load_error.as_ref().unwrap_or(&err));
-            return;
-        }
-        let work = retry.reads_work();
-        Box::pin(self.run_turn(work, retry)).await;
-    }
-
-    /// Returns the document to its last durable state from memory (`durable.rs` says why
-    /// and how), on a blocking thread: forking a large document costs about a load.
-    async fn roll_back(&mut self) {
-        let to = self.durable.clone();
-        let mut state = mem::take(&mut self.state);
-        let result = tokio::task::spawn_blocking(move || {
-            let r = durable::roll_back(&mut state, &to);
-            (state, r)
-        })
-        .await;
-        self.snapshot_pending = false;
-        match result {
-            Ok((state, Ok(forked))) => {
-                self.state = state;
-                self.stale = true;
-                self.reset_repo_states();
-                self.publish(true);
-                tracing::warn!(doc = %self.id, forked, "back to the last durable state after a failed write; serving reads from it");
-            }
-            Ok((state, Err(e))) => {
-                self.state = state;
-                tracing::error!(doc = %self.id, error = %e, "cannot go back to the durable state in memory; reloading");
-                self.reload().await;
-            }
-            Err(e) => {
-                tracing::error!(doc = %self.id, error = %e, "rollback task failed; reloading");
-                self.reload().await;
-            }
-        }
-    }
-
-    /// Reloads the document from the store when its state in memory was lost (a merge task
-    /// that panicked, a rollback that could not be done) and restarts every repo peer's sync.
-    /// If the store cannot be read, every command fails until it can.
-    async fn reload(&mut self) {
-        self.state.stored_pending.clear();
-        self.state.cached_save = None;
-        self.snapshot_pending = false;
-        let served = self.durable.heads.clone();
-        self.load().await;
-        if self.load_error.is_none() {
-            self.tell_reloaded(&served);
-        }
-        self.reset_repo_states();
-    }
-
-    fn reset_repo_states(&mut self) {
-        for peer in self.state.peers.values_mut() {
-            peer.reset();
-        }
-    }
-
     /// Sends everything a merged turn owes once its write is durable; on a failed write,
     /// fails the turn's writes and returns the rest, sending nothing else: no push, no repo
     /// message, no compaction.
@@ -967,26 +758,6 @@ struct Gate {
     admitted: u64,
 }
 
-/// Hashes of the stored changes `doc` has not applied (they wait for dependencies).
-fn waiting_changes(doc: &Automerge, chunks: &[StoredChunk]) -> HashSet<ChangeHash> {
-    let mut waiting = HashSet::new();
-    for stored in chunks {
-        let Ok(parts) = crate::upload::split_chunks(&stored.bytes) else {
-            continue;
-        };
-        for (_, part) in parts {
-            if let Ok(change) = automerge::Change::try_from(part) {
-                let hash = change.hash();
-                if doc.get_change_meta_by_hash(&hash).is_none() {
-                    waiting.insert(hash);
-                }
-            }
-        }
-    }
-    waiting
-}
-
-/// The running compaction's result; never resolves when there is none.
 /// One merge and what it took (what `placement.rs` learns from).
 fn timed_merge(
     id: &DocId,
@@ -999,6 +770,7 @@ fn timed_merge(
     (effects, started.elapsed())
 }
 
+/// The running compaction's result; never resolves when there is none.
 async fn wait_compaction(compaction: &mut Option<Compaction>) -> CompactionResult {
     match compaction {
         Some(handle) => handle.await,
