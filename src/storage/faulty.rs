@@ -242,7 +242,14 @@ mod tests {
             let doc = doc.clone();
             async move { store.append(&doc, b"three".to_vec()).await }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while switch.hung_appends() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the append never hung"
+            );
+            tokio::time::sleep(HANG_POLL).await;
+        }
         assert!(!hung.is_finished(), "a hanging write waits");
         switch.set(Fault::None);
         hung.await.unwrap().unwrap();
