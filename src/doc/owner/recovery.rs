@@ -50,10 +50,10 @@ impl Owner {
         Ok(())
     }
 
-    /// After a reload, subscribers and the observer hear of what the store held beyond
-    /// `served` (the durable heads they were told of): a write given up on as failed that
-    /// landed after all. Nothing is said when `served` is not all in the store's document (a
-    /// delete elsewhere says that itself).
+    /// After a reload, subscribers (and, on a single node, the observer) hear of what the
+    /// store held beyond `served` (the durable heads they were told of): a write given up on
+    /// as failed that landed after all, and other nodes' changes. Nothing is said when
+    /// `served` is not all in the store's document (a delete elsewhere says that itself).
     fn tell_reloaded(&mut self, served: &[ChangeHash]) {
         let heads = self.state.doc.get_heads();
         let kept = served
@@ -62,9 +62,11 @@ impl Owner {
         if !self.state.exists || heads == served || !kept {
             return;
         }
-        let applied = self.state.doc.get_changes(served).len();
-        tracing::info!(doc = %self.id, applied, "the store held changes given up on; pushing them");
-        if let Some(observer) = self.shared.observer() {
+        tracing::info!(doc = %self.id, "the store held changes beyond the durable state; pushing them");
+        // The observer hears of the changes this node stored. With other nodes on the store,
+        // what is new may be theirs too (each reports its own), and there is no telling which.
+        if let (Some(observer), None) = (self.shared.observer(), self.shared.cluster()) {
+            let applied = self.state.doc.get_changes(served).len();
             observer.changed(&self.id, &heads, applied);
         }
         if self.subscribers.is_empty() {
