@@ -16,7 +16,7 @@ use super::{DocConfig, DocEvent, Documents, PeerLink, Precondition, ReadOutcome}
 use crate::error::RelayError;
 use crate::id::DocId;
 use crate::storage::{
-    ChunkKey, Fault, FaultSwitch, FaultyStore, GuardedStore, Guarding, MemoryStore, Store,
+    until, ChunkKey, Fault, FaultSwitch, FaultyStore, GuardedStore, Guarding, MemoryStore, Store,
 };
 use crate::upload::parse_upload;
 
@@ -82,14 +82,6 @@ impl Observer for Told {
 
 fn has(doc: &Automerge, key: &str) -> bool {
     doc.get(ROOT, key).unwrap().is_some()
-}
-
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 async fn until_healthy(docs: &Documents) {

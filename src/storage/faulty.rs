@@ -80,18 +80,18 @@ impl FaultSwitch {
     /// A switch set by a unit test.
     #[cfg(test)]
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            mode: AtomicU8::new(Fault::None.code()),
-            file: None,
-            hung_appends: AtomicUsize::new(0),
-        })
+        Self::reading(None)
     }
 
     /// A switch that reads its mode from `file` each time it is asked.
     pub fn from_file(file: PathBuf) -> Arc<Self> {
+        Self::reading(Some(file))
+    }
+
+    fn reading(file: Option<PathBuf>) -> Arc<Self> {
         Arc::new(Self {
             mode: AtomicU8::new(Fault::None.code()),
-            file: Some(file),
+            file,
             hung_appends: AtomicUsize::new(0),
         })
     }
@@ -146,6 +146,19 @@ impl FaultSwitch {
                 }
             }
         }
+    }
+}
+
+/// Waits until `done` holds, checking every 10 ms; fails the test after 5 s.
+#[cfg(test)]
+pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -242,14 +255,7 @@ mod tests {
             let doc = doc.clone();
             async move { store.append(&doc, b"three".to_vec()).await }
         });
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while switch.hung_appends() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the append never hung"
-            );
-            tokio::time::sleep(HANG_POLL).await;
-        }
+        until("the append to hang", || switch.hung_appends() > 0).await;
         assert!(!hung.is_finished(), "a hanging write waits");
         switch.set(Fault::None);
         hung.await.unwrap().unwrap();

@@ -362,7 +362,7 @@ impl Store for GuardedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{Fault, FaultSwitch, FaultyStore, MemoryStore, MinFree};
+    use crate::storage::{until, Fault, FaultSwitch, FaultyStore, MemoryStore, MinFree};
 
     fn guarded(switch: &Arc<FaultSwitch>) -> GuardedStore {
         let inner = Arc::new(FaultyStore::new(
@@ -380,11 +380,7 @@ mod tests {
     }
 
     async fn until_healthy(store: &GuardedStore) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while store.health().refusing.is_some() {
-            assert!(Instant::now() < deadline, "the store did not recover");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until("the store to recover", || store.health().refusing.is_none()).await;
     }
 
     #[tokio::test]

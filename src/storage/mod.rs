@@ -28,6 +28,8 @@ use std::pin::Pin;
 use sha2::{Digest, Sha256};
 
 pub use disk::{DiskSpace, MinFree};
+#[cfg(test)]
+pub use faulty::until;
 pub use faulty::{Fault, FaultSwitch, FaultyStore};
 pub use guarded::{GuardedStore, Guarding, StoreHealth};
 pub use memory::MemoryStore;

@@ -42,7 +42,7 @@ impl Owner {
             self.finish_compaction(result);
         }
         let loaded = self.read_store().await?;
-        let served = mem::take(&mut self.durable.heads);
+        let served = self.durable.heads.clone();
         self.install(loaded);
         self.tell_reloaded(&served);
         self.reset_repo_states();
