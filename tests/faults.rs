@@ -61,6 +61,16 @@ where
     }
 }
 
+/// `relay_store_operations_in_flight` from `/_/metrics`.
+async fn store_in_flight(c: &Client, metrics_url: &str) -> Option<f64> {
+    let text = c.get(metrics_url).send().await.ok()?.text().await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("relay_store_operations_in_flight "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -403,14 +413,31 @@ async fn sigterm_exits_within_the_grace_period_while_the_store_hangs() {
     let url = relay.url("/stuck");
     let mut doc = base_doc();
     assert_eq!(post(&c, &url, doc.save()).await.0, StatusCode::CREATED);
+    eventually(
+        "no store operation in flight",
+        Duration::from_secs(10),
+        || {
+            let (c, url) = (c.clone(), relay.url("/_/metrics"));
+            async move { (store_in_flight(&c, &url).await? == 0.0).then_some(()) }
+        },
+    )
+    .await;
     faults.set("hang");
     add_item(&mut doc, "never acknowledged");
     let hung = tokio::spawn({
         let (c, url, body) = (c.clone(), url.clone(), doc.save());
         async move { c.post(url).body(body).send().await.map(|r| r.status()) }
     });
-    // The write is in the store (hanging) once the relay still answers but has not replied.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The write is in the store (hanging) once a store operation is in flight.
+    eventually(
+        "the write to reach the store",
+        Duration::from_secs(10),
+        || {
+            let (c, url) = (c.clone(), relay.url("/_/metrics"));
+            async move { (store_in_flight(&c, &url).await? >= 1.0).then_some(()) }
+        },
+    )
+    .await;
     assert!(!hung.is_finished(), "the write hangs in the store");
     let t = Instant::now();
     let code = tokio::task::block_in_place(|| relay.terminate());

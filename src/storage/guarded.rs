@@ -42,6 +42,27 @@ impl Default for Guarding {
     }
 }
 
+/// The metric of store operations started and not yet returned, including those given up on.
+const IN_FLIGHT: &str = "relay_store_operations_in_flight";
+
+/// One store operation counted in [`IN_FLIGHT`] until it returns (or its task is dropped). A
+/// value that stays up tells the operator the store has stopped answering, before the time
+/// bound gives up on the operation.
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}
+
 /// What `/_/ready` says about the store.
 #[derive(Clone, Debug, Default)]
 pub struct StoreHealth {
@@ -115,7 +136,9 @@ impl GuardedStore {
         let stuck = self.g.stuck.clone();
         let started = Instant::now();
         let task_state = state.clone();
+        let counted = InFlight::start();
         let mut task = tokio::spawn(async move {
+            let _counted = counted;
             let result = f(&*inner).await;
             if task_state
                 .compare_exchange(RUNNING, DONE, Ordering::AcqRel, Ordering::Acquire)
