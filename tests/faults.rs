@@ -45,7 +45,8 @@ async fn get_json(c: &Client, url: &str) -> (StatusCode, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-/// Polls `f` every 50 ms until it returns `Some`, or panics at the deadline.
+/// Polls `f` every 50 ms until it returns `Some`, or panics at the deadline. (Slower than
+/// `common::wait_for`: some callers post a write on every poll.)
 async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -61,14 +62,18 @@ where
     }
 }
 
-/// `relay_store_operations_in_flight` from `/_/metrics`.
-async fn store_in_flight(c: &Client, metrics_url: &str) -> Option<f64> {
-    let text = c.get(metrics_url).send().await.ok()?.text().await.ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("relay_store_operations_in_flight "))?
-        .trim()
-        .parse()
-        .ok()
+/// Waits until `relay_store_operations_in_flight` on `/_/metrics` satisfies `ok`.
+async fn until_store_in_flight(c: &Client, relay: &Relay, what: &str, ok: fn(f64) -> bool) {
+    eventually(what, Duration::from_secs(10), || {
+        let (c, url) = (c.clone(), relay.url("/_/metrics"));
+        async move {
+            let text = c.get(url).send().await.ok()?.text().await.ok()?;
+            metric_value(&text, "relay_store_operations_in_flight")
+                .filter(|v| ok(*v))
+                .map(|_| ())
+        }
+    })
+    .await
 }
 
 fn is_root() -> bool {
@@ -413,15 +418,7 @@ async fn sigterm_exits_within_the_grace_period_while_the_store_hangs() {
     let url = relay.url("/stuck");
     let mut doc = base_doc();
     assert_eq!(post(&c, &url, doc.save()).await.0, StatusCode::CREATED);
-    eventually(
-        "no store operation in flight",
-        Duration::from_secs(10),
-        || {
-            let (c, url) = (c.clone(), relay.url("/_/metrics"));
-            async move { (store_in_flight(&c, &url).await? == 0.0).then_some(()) }
-        },
-    )
-    .await;
+    until_store_in_flight(&c, &relay, "no store operation in flight", |n| n == 0.0).await;
     faults.set("hang");
     add_item(&mut doc, "never acknowledged");
     let hung = tokio::spawn({
@@ -429,15 +426,7 @@ async fn sigterm_exits_within_the_grace_period_while_the_store_hangs() {
         async move { c.post(url).body(body).send().await.map(|r| r.status()) }
     });
     // The write is in the store (hanging) once a store operation is in flight.
-    eventually(
-        "the write to reach the store",
-        Duration::from_secs(10),
-        || {
-            let (c, url) = (c.clone(), relay.url("/_/metrics"));
-            async move { (store_in_flight(&c, &url).await? >= 1.0).then_some(()) }
-        },
-    )
-    .await;
+    until_store_in_flight(&c, &relay, "the write to reach the store", |n| n >= 1.0).await;
     assert!(!hung.is_finished(), "the write hangs in the store");
     let t = Instant::now();
     let code = tokio::task::block_in_place(|| relay.terminate());

@@ -34,13 +34,7 @@ async fn metrics(relay: &Relay) -> String {
 
 /// The value of one metric series (0 when absent), e.g. `relay_repo_peers`.
 fn series(metrics: &str, name: &str) -> u64 {
-    let prefix = format!("{name} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or(0)
+    metric_value(metrics, name).map_or(0, |v| v as u64)
 }
 
 /// The value of one `relay_rejected_total` series (0 when absent).

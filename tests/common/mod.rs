@@ -312,6 +312,15 @@ pub fn token_entry(name: &str, token: &str, grants: &str) -> String {
     format!("[[token]]\nname = \"{name}\"\ntoken = \"{token}\"\ngrants = {grants}\n\n")
 }
 
+/// The value of one series (`name`, labels included if any, e.g. `relay_repo_peers`) on a
+/// Prometheus text page, if it is there.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `relay_auth_failures_total{reason="..."}` values from a Prometheus text page (absent: 0).
 pub fn auth_failures(metrics: &str, reason: &str) -> u64 {
     let label = format!("reason=\"{reason}\"");
